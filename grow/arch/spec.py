@@ -1,0 +1,234 @@
+"""ArchSpec: which tensor is what, and which space each axis belongs to, read from specs/*.yaml."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+from ..errors import GrowError, UsageError
+
+SPEC_DIR = Path(__file__).parent / "specs"
+
+# Roles of tensors that write into the residual stream without reading it.
+RESIDUAL_SOURCES = ("embedding", "position", "patch", "token")
+# Spaces whose size is a product of sizes rather than a size of its own.
+DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    pattern: str  # tensor name, "{i}" standing for the layer index
+    axes: tuple[tuple[str, ...], ...]  # per axis, the spaces concatenated along it (usually one)
+    reads: int | None = None  # the fan-in axis: the one contracted with the input
+    role: str = "weight"
+    regex: re.Pattern = field(compare=False, repr=False, default=None)
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.pattern
+
+    def name(self, layer: int | None = None) -> str:
+        return self.pattern.replace("{i}", str(layer)) if self.per_layer else self.pattern
+
+    @property
+    def writes_residual(self) -> bool:
+        """True for tensors whose output lands in the residual stream (embeddings, output projections)."""
+        if self.role in RESIDUAL_SOURCES:
+            return True
+        if self.role != "weight":
+            return False
+        return any(ax == ("hidden",) for i, ax in enumerate(self.axes) if i != self.reads)
+
+
+@dataclass(frozen=True)
+class SizeKey:
+    key: str | None  # dotted path into config.json, or None when the size is implied
+    default: str | None = None  # expression over other sizes, used when the key is absent or null
+    ratio_of: str | None = None  # the config stores size / sizes[ratio_of]
+    mirror: tuple[str, ...] = ()  # other config paths that hold the same value
+
+
+class ArchSpec:
+    def __init__(self, data: dict, source: Path):
+        self.file = source
+        self.family: str = data["family"]
+        self.framework: str = data["framework"]
+        self.architectures: list[str] = data["architectures"]
+        self.norm: str = data["norm"]
+        self.norm_eps_key: str | None = data.get("norm_eps")
+        self.block: str = data.get("block", "pre_norm")
+        tie = data.get("tie")
+        self.tie_key: str | None = tie["key"] if tie else None
+        self.tie_default: bool = bool(tie and tie["default"])
+        self.sizes: dict[str, SizeKey] = {
+            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())))
+            for k, v in data["sizes"].items()
+        }
+        self.per_layer_keys: list[str] = data.get("per_layer", [])
+        self.layer_count_keys: list[str] = data.get("layer_counts", [])
+        self.tensors = [self._tensor(t) for t in data["tensors"]]
+        self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
+
+    @staticmethod
+    def _tensor(t: dict) -> TensorSpec:
+        axes = tuple(tuple(str(a).split("|")) for a in t["axes"])
+        return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]))
+
+    # ---- tensors -------------------------------------------------------------------------
+    def match(self, name: str) -> tuple[TensorSpec, int | None] | None:
+        for t in self.tensors:
+            m = t.regex.fullmatch(name)
+            if m:
+                return t, int(m.group(1)) if t.per_layer else None
+        return None
+
+    def ignored(self, name: str) -> bool:
+        return any(r.fullmatch(name) for r in self.ignore)
+
+    def by_role(self, role: str) -> list[TensorSpec]:
+        return [t for t in self.tensors if t.role == role]
+
+    # ---- sizes and config ------------------------------------------------------------------
+    def read_sizes(self, config: dict) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        pending = dict(self.sizes)
+        for _ in range(len(pending) + 1):
+            for name, sk in list(pending.items()):
+                value = get_path(config, sk.key) if sk.key else None
+                if value is not None and sk.ratio_of:
+                    if sk.ratio_of not in sizes:
+                        continue
+                    value = int(sizes[sk.ratio_of] * value)
+                if value is None:
+                    if sk.default is None:
+                        raise GrowError(f"config.json has no {sk.key}, which a {self.family} model needs.")
+                    try:
+                        value = eval(sk.default, {"__builtins__": {}}, dict(sizes))  # spec data, not user input
+                    except NameError:
+                        continue
+                if not isinstance(value, (int, float)) or int(value) != value or value < 0:
+                    raise GrowError(f"config.json has {sk.key}={value!r}; it must be a whole number.")
+                sizes[name] = int(value)
+                del pending[name]
+        if pending:
+            raise GrowError(f"spec {self.file.name} has sizes that depend on each other: {sorted(pending)}.")
+        return sizes
+
+    def space_size(self, space: str, sizes: dict[str, int]) -> int | None:
+        """Length of one space's axis; None for axes that no operator changes."""
+        if space == "fixed":
+            return None
+        if space in DERIVED_SPACES:
+            a, b = DERIVED_SPACES[space]
+            return sizes[a] * sizes[b]
+        return sizes[space]
+
+    def axis_size(self, spaces: tuple[str, ...], sizes: dict[str, int]) -> int | None:
+        parts = [self.space_size(s, sizes) for s in spaces]
+        return None if None in parts else sum(parts)
+
+    def tied(self, config: dict) -> bool:
+        if self.tie_key is None:
+            return False
+        value = get_path(config, self.tie_key)
+        return self.tie_default if value is None else bool(value)
+
+    def write_sizes(self, config: dict, old: dict[str, int], new: dict[str, int]) -> dict:
+        """A copy of config with every size in `new` written where the config keeps it."""
+        import copy
+
+        out = copy.deepcopy(config)
+        for name, sk in self.sizes.items():
+            value = new[name]
+            implied = _eval_default(sk.default, new)
+            stored = get_path(config, sk.key) if sk.key else None
+            if sk.key is None:
+                if implied != value:
+                    raise UsageError(
+                        f"a {self.family} model has no separate {name} (it is always {sk.default}); "
+                        f"leave {name} at {implied}."
+                    )
+                continue
+            if stored is None and implied == value:
+                continue  # the default still gives the right value: keep the config as terse as it was
+            if sk.ratio_of:
+                ratio = value / new[sk.ratio_of]
+                if int(new[sk.ratio_of] * ratio) != value:
+                    ratio = (value + 0.5) / new[sk.ratio_of]
+                set_path(out, sk.key, ratio)
+            else:
+                set_path(out, sk.key, value)
+            for m in sk.mirror:
+                if get_path(config, m) is not None:
+                    set_path(out, m, value)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ArchSpec({self.family})"
+
+
+def _pattern_regex(pattern: str) -> re.Pattern:
+    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
+
+
+def _expr(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def _eval_default(expr: str | None, sizes: dict[str, int]):
+    if expr is None:
+        return None
+    return eval(expr, {"__builtins__": {}}, dict(sizes))
+
+
+def get_path(config: dict, path: str | None):
+    node = config
+    for part in (path or "").split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def set_path(config: dict, path: str, value) -> None:
+    parts = path.split(".")
+    node = config
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+@cache
+def all_specs() -> tuple[ArchSpec, ...]:
+    return tuple(ArchSpec(yaml.safe_load(p.read_text()), p) for p in sorted(SPEC_DIR.glob("*.yaml")))
+
+
+def supported_architectures() -> list[str]:
+    return [a for s in all_specs() for a in s.architectures]
+
+
+def architecture_name(config: dict) -> str | None:
+    if isinstance(config.get("architecture"), str):  # timm
+        return config["architecture"]
+    archs = config.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return None
+
+
+def spec_for(config: dict, where: str = "config.json") -> ArchSpec:
+    arch = architecture_name(config)
+    if arch is None:
+        raise GrowError(
+            f"{where} names no architecture (no 'architectures' list, nor timm's 'architecture'); "
+            "add it, e.g. \"architectures\": [\"LlamaForCausalLM\"]."
+        )
+    for spec in all_specs():
+        if any(fnmatch.fnmatchcase(arch, pat) for pat in spec.architectures):
+            return spec
+    raise GrowError(f"{where} names architecture {arch}, which grow does not support; supported: {', '.join(supported_architectures())}.")

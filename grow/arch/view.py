@@ -1,0 +1,85 @@
+"""ModelView: a Source read through its ArchSpec, every tensor classified and checked against the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checkpoint import Source, TensorInfo
+from ..errors import GrowError
+from .spec import ArchSpec, TensorSpec, spec_for
+
+
+@dataclass(frozen=True)
+class Entry:
+    info: TensorInfo
+    spec: TensorSpec
+    layer: int | None
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+class ModelView:
+    def __init__(self, source: Source):
+        self.source = source
+        self.config = source.config
+        self.spec: ArchSpec = spec_for(self.config, str(source.path / "config.json"))
+        self.sizes = self.spec.read_sizes(self.config)
+        self.tied = self.spec.tied(self.config)
+        self.entries: list[Entry] = []
+        for info in sorted(source.tensors.values(), key=lambda t: (t.file, t.offset)):
+            if self.spec.ignored(info.name):
+                continue
+            found = self.spec.match(info.name)
+            if found is None:
+                raise GrowError(
+                    f"tensor {info.name} in {info.file.name} is not part of the {self.spec.family} layout grow knows; "
+                    f"the checkpoint has a variant that {self.spec.file.name} does not describe."
+                )
+            self.entries.append(Entry(info, *found))
+        self.by_name = {e.name: e for e in self.entries}
+        self._check()
+
+    @property
+    def architecture(self) -> str:
+        return self.config.get("architecture") or self.config["architectures"][0]
+
+    def _check(self) -> None:
+        layers = self.sizes.get("layers")
+        for e in self.entries:
+            if e.layer is not None and layers is not None and e.layer >= layers:
+                raise GrowError(
+                    f"tensor {e.name} belongs to layer {e.layer}, but config.json says the model has {layers} layers; "
+                    "fix config.json or the checkpoint."
+                )
+            expected = self.expected_shape(e.spec, e.info.shape)
+            if expected != e.info.shape:
+                raise GrowError(
+                    f"tensor {e.name} in {e.info.file.name} has shape {list(e.info.shape)} but config.json implies "
+                    f"{list(expected)}; fix config.json or the checkpoint."
+                )
+        heads = self.spec.by_role("head")
+        if heads and not self.tied and heads[0].name() not in self.by_name:
+            raise GrowError(
+                f"config.json says the output head is not tied to the embedding, but the checkpoint has no "
+                f"{heads[0].name()}; set {self.spec.tie_key} to true or add the tensor."
+            )
+        for i in range(layers or 0):
+            if not any(e.layer == i for e in self.entries):
+                raise GrowError(f"config.json says the model has {layers} layers, but the checkpoint holds no tensor of layer {i}.")
+
+    def expected_shape(self, spec: TensorSpec, actual: tuple[int, ...], sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+        sizes = sizes or self.sizes
+        if len(spec.axes) != len(actual):
+            return tuple(self.spec.axis_size(a, sizes) or -1 for a in spec.axes)
+        return tuple(
+            self.spec.axis_size(spaces, sizes) or actual[k]  # "fixed" axes keep the checkpoint's size
+            for k, spaces in enumerate(spec.axes)
+        )
+
+    def layer(self, i: int) -> list[Entry]:
+        return [e for e in self.entries if e.layer == i]
+
+    def globals(self) -> list[Entry]:
+        return [e for e in self.entries if e.layer is None]

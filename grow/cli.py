@@ -1,0 +1,185 @@
+"""The `grow` command: parse options, call the API, render the result (rich table or --json)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .errors import GrowError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Grow or shrink a trained checkpoint into a model of another size.")
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
+DEBUG = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+DRY = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
+VERIFY = Annotated[bool, typer.Option("--verify", help="Run grow verify on the result.")]
+FORCE = Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")]
+SEED = Annotated[int, typer.Option(help="Seed for everything random (noise, new weights).")]
+DTYPE = Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: the source's).")]
+SHARD = Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.")]
+TOL = Annotated[float, typer.Option(help="Largest relative error an exact method may show.")]
+
+
+def handled(fn):
+    """One sentence and an exit code for user errors; a traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except GrowError as e:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _emit(result: dict, as_json: bool, render) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render(result)
+
+
+def _progress(quiet: bool):
+    """A progress callback drawing on stderr, or None when stderr is no terminal or --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=err, transient=True)
+    task = bar.add_task("writing", total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _table(title: str, rows: list[tuple[str, object]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, _fmt(v))
+    return table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+@app.command("inspect")
+@handled
+def inspect_cmd(src: str, json_: JSON = False, debug: DEBUG = False):
+    """Architecture, sizes, parameter count, dtype and tie of a checkpoint."""
+    _emit(api.inspect(src), json_, lambda r: out.print(_table(src, list(r.items()))))
+
+
+def _render_operation(result: dict) -> None:
+    plan = result["plan"]
+    if "target" not in result:  # dry run
+        rows = [("method", plan["method"]), ("exact", plan["exact"]), ("parameters", plan["parameters"]),
+                ("bytes", plan["bytes"])]
+        rows += [(f"{k}", f"{plan['source_sizes'].get(k)} -> {v}") for k, v in plan["target_sizes"].items()]
+        out.print(_table(f"plan: {plan['operation']} {result['source']}", rows))
+        for note in plan["notes"]:
+            out.print(f"note: {note}", highlight=False)
+        t = Table("tensor", "shape", "dtype", "recipe", title="tensors", title_justify="left")
+        for r in plan["tensors"]:
+            t.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["recipe"])
+        out.print(t)
+        return
+    rows = [("method", plan["method"]), ("exact", plan["exact"]), ("target", result["target"]),
+            ("source parameters", result["source_parameters"]), ("target parameters", result["target_parameters"]),
+            ("seconds", result["seconds"]), ("written (MB)", result["bytes_written"] / 1e6),
+            ("peak RSS (MB)", result["peak_rss_bytes"] / 1e6)]
+    out.print(_table(f"{plan['operation']}: {result['source']}", rows))
+    if "verification" in result:
+        _render_verification(result["verification"])
+
+
+def _render_verification(r: dict) -> None:
+    keys = ["method", "exact_expected", "max_abs_diff", "rel_error", "top1_agreement", "kl", "loss_source", "loss_target"]
+    rows = [(k, r[k]) for k in keys if r.get(k) is not None]
+    for k, v in (r.get("baseline_random_init") or {}).items():
+        rows.append((f"random init: {k}", v))
+    rows.append(("passed", r["passed"]))
+    out.print(_table(f"verify {r['target']}", rows))
+
+
+def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
+    bar, callback = _progress(quiet)
+    if bar:
+        bar.start()
+    try:
+        result = fn(src, dst, progress=callback, **kwargs)
+    finally:
+        if bar:
+            bar.stop()
+    _emit(result, json_, _render_operation)
+    if result.get("verification") and not result["verification"]["passed"]:
+        err.print(f"error: verification failed: relative error {result['verification']['rel_error']:.3g} "
+                  f"exceeds {result['verification']['tolerance']:g}.")
+        raise typer.Exit(3)
+    return result
+
+
+@app.command()
+@handled
+def expand(
+    src: str,
+    dst: Annotated[Optional[str], typer.Argument()] = None,
+    method: Annotated[str, typer.Option(help="hypercloning")] = "hypercloning",
+    factor: Annotated[Optional[float], typer.Option(help="Width factor (hypercloning; whole number >= 2).")] = None,
+    ffn_factor: Annotated[Optional[float], typer.Option(help="FFN width factor (hypercloning; default --factor).")] = None,
+    noise_snr_db: Annotated[Optional[float], typer.Option(help="Symmetry-breaking noise at this SNR in dB; exact forward.")] = None,
+    seed: SEED = 0,
+    dtype: DTYPE = None,
+    shard_size: SHARD = "5GB",
+    dry_run: DRY = False,
+    verify: VERIFY = False,
+    force: FORCE = False,
+    tol: TOL = api.DEFAULT_TOL,
+    json_: JSON = False,
+    quiet: QUIET = False,
+    debug: DEBUG = False,
+):
+    """Write a larger model that starts from what SRC knows."""
+    _run_operation(api.expand, src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor,
+                   noise_snr_db=noise_snr_db, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
+                   verify=verify, force=force, tol=tol)
+
+
+@app.command("verify")
+@handled
+def verify_cmd(src: str, dst: str, tol: TOL = api.DEFAULT_TOL, seed: SEED = 0, json_: JSON = False,
+               quiet: QUIET = False, debug: DEBUG = False):
+    """Run SRC and DST in transformers or timm and report how far apart they are (exit 3 if an exact method failed)."""
+    report = api.verify(src, dst, tol=tol, seed=seed)
+    _emit(report, json_, _render_verification)
+    if not report["passed"]:
+        err.print(f"error: {dst} does not reproduce {src}: relative error {report['rel_error']:.3g} exceeds {tol:g}.")
+        raise typer.Exit(3)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,7 @@
+"""Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
+
+from . import hypercloning
+
+EXPAND_METHODS = {
+    "hypercloning": hypercloning.build,
+}

@@ -1,0 +1,95 @@
+"""What every plan builder shares: turning space maps into recipes, and the target config."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from ..arch.spec import TensorSpec
+from ..arch.view import Entry, ModelView
+from ..checkpoint import DTYPES
+from ..errors import UsageError
+from ..plan import AxisMap, Init, Noise, TensorRecipe
+from .maps import WidthMap, concat, identity
+
+DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def output_dtype(dtype: str | None, entry_dtype: str) -> str:
+    if dtype is None:
+        return entry_dtype
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"--dtype {dtype} is not one of {', '.join(DTYPE_CHOICES)}.")
+    return DTYPE_CHOICES[dtype]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def space_maps(view: ModelView, maps: dict[str, WidthMap], spaces: tuple[str, ...]) -> WidthMap | None:
+    """The map for one axis (fused axes combine their parts); None when nothing changes."""
+    if not any(s in maps for s in spaces):
+        return None
+    parts, sizes = [], []
+    for s in spaces:
+        n = view.spec.space_size(s, view.sizes)
+        parts.append(maps.get(s) or identity(n))
+        sizes.append(n)
+    return parts[0] if len(parts) == 1 else concat(parts, sizes)
+
+
+def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, name: str | None = None,
+                  dtype: str | None = None, seed: int = 0, scale: float = 1.0, noise_snr_db: float | None = None,
+                  init: Init = Init(), fan_in: bool = True, note: str = "") -> TensorRecipe:
+    """Recipe that gathers every axis of `entry` through the map of its space; the fan-in axis
+    (if any) is also scaled by the map's fan-in weights."""
+    spec: TensorSpec = entry.spec
+    axes, shape = [], []
+    noise = None
+    for k, spaces in enumerate(spec.axes):
+        m = space_maps(view, maps, spaces)
+        if m is None:
+            axes.append(None)
+            shape.append(entry.info.shape[k])
+            continue
+        reads = fan_in and k == spec.reads
+        label = m.label + (" (fan-in weighted)" if reads and not torch.all(m.fan_in == 1) else "")
+        axes.append(AxisMap(m.src, m.fan_in if reads and not torch.all(m.fan_in == 1) else None, label))
+        shape.append(m.size)
+        if reads and noise_snr_db is not None and m.groups().numel() and int(m.groups().max()) + 1 < m.size:
+            noise = Noise(k, m.groups(), noise_snr_db)
+    out = name or entry.name
+    return TensorRecipe(
+        name=out, shape=tuple(shape), dtype=output_dtype(dtype, entry.info.dtype), sources=(entry.name,),
+        axes=tuple(axes), scale=scale, init=init, noise=noise, seed=tensor_seed(seed, out), note=note,
+    )
+
+
+def target_config(view: ModelView, target_sizes: dict[str, int], dtype: str | None) -> dict:
+    """The source config with every changed size recomputed, written with keys transformers 4 and 5 both read."""
+    cfg = view.spec.write_sizes(view.config, view.sizes, target_sizes)
+    if view.spec.framework != "transformers":
+        return cfg
+    if view.spec.tie_key:
+        cfg[view.spec.tie_key] = view.tied
+    if dtype is not None:
+        cfg["torch_dtype"] = cfg["dtype"] = dtype
+    else:
+        current = cfg.get("torch_dtype") or cfg.get("dtype") or str(DTYPES[view.source.dtype]).removeprefix("torch.")
+        cfg["torch_dtype"] = cfg["dtype"] = current
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope["rope_theta"]
+    return cfg
+
+
+def check_heads(view: ModelView, sizes: dict[str, int]) -> None:
+    """Query heads must divide evenly among kv heads (query head j reads kv head j // group)."""
+    if sizes["kv_heads"] < 1 or sizes["heads"] % sizes["kv_heads"]:
+        raise UsageError(
+            f"{sizes['heads']} query heads cannot be shared among {sizes['kv_heads']} kv heads; "
+            "the number of heads must be a multiple of the number of kv heads."
+        )
+

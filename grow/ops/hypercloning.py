@@ -1,0 +1,62 @@
+"""HyperCloning: widen by integer factors so that the wide model computes exactly what the source did.
+
+The residual vector becomes n copies [x, ..., x]; heads and kv heads are multiplied by n (head_dim
+stays, a single kv head stays single); every reader of a tiled space divides by its repeat."""
+
+from __future__ import annotations
+
+from ..arch.view import ModelView
+from ..errors import UsageError
+from ..plan import Plan
+from .base import check_heads, mapped_recipe, target_config
+from .maps import WidthMap, per_head, tile
+
+
+def _factor(value, option: str) -> int:
+    if value is None or isinstance(value, bool) or not float(value).is_integer() or int(value) < 2:
+        raise UsageError(
+            f"{option} must be a whole number of at least 2 for HyperCloning, not {value}; "
+            "for other sizes use --method lemon."
+        )
+    return int(value)
+
+
+def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float | None = None, seed: int = 0,
+          dtype: str | None = None) -> Plan:
+    n = _factor(factor, "--factor")
+    m = n if ffn_factor is None else _factor(ffn_factor, "--ffn-factor")
+    s = view.sizes
+    t = dict(s)
+    t["hidden"] = s["hidden"] * n
+    t["heads"] = s["heads"] * n
+    t["kv_heads"] = 1 if s["kv_heads"] == 1 else s["kv_heads"] * n
+    t["ffn"] = s["ffn"] * m
+    check_heads(view, t)
+
+    maps: dict[str, WidthMap] = {
+        "hidden": tile(s["hidden"], n),
+        "q": per_head(tile(s["heads"], n), s["head_dim"]),
+        "ffn": tile(s["ffn"], m),
+    }
+    if s["kv_heads"] > 1:  # a single kv head serves every query head as it is
+        maps["kv"] = per_head(tile(s["kv_heads"], n), s["head_dim"])
+
+    recipes = []
+    for e in view.entries:
+        role = e.spec.role
+        if role == "head" and view.tied:
+            continue  # the tie is kept; the 1/n it needs lives in the final norm
+        scale = 1.0 / n if role == "final_norm" and view.tied else 1.0
+        note = "1/n of the tied head folded in" if scale != 1.0 else ""
+        recipes.append(mapped_recipe(view, e, maps, dtype=dtype, seed=seed, scale=scale,
+                                     noise_snr_db=noise_snr_db, note=note))
+
+    notes = []
+    if noise_snr_db is not None:
+        notes.append(f"zero-sum noise at {noise_snr_db:g} dB SNR breaks the symmetry of the copies; the forward pass stays exact.")
+    return Plan(
+        operation="expand", method="hypercloning", exact=True, architecture=view.architecture,
+        config=target_config(view, t, dtype), recipes=recipes, source_sizes=s, target_sizes=t,
+        options={"factor": n, "ffn_factor": m, "noise_snr_db": noise_snr_db, "seed": seed, "dtype": dtype},
+        notes=notes,
+    )

@@ -1,0 +1,58 @@
+"""Width maps: for each target position of a space, the source position it copies and its fan-in weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class WidthMap:
+    src: torch.Tensor  # long [target]: source position copied, -1 for a new position
+    fan_in: torch.Tensor  # float [target]: weight of this position when it is read as an input
+    label: str = ""
+
+    @property
+    def size(self) -> int:
+        return int(self.src.numel())
+
+    def groups(self) -> torch.Tensor:
+        """Group id per target position: positions copying the same source position share one."""
+        _, inverse = torch.unique(self.src, return_inverse=True)
+        return inverse
+
+
+def identity(n: int) -> WidthMap:
+    return WidthMap(torch.arange(n), torch.ones(n), "")
+
+
+def tile(n: int, factor: int) -> WidthMap:
+    """[0..n-1] repeated `factor` times; each copy read with weight 1/factor."""
+    return WidthMap(torch.arange(n).repeat(factor), torch.full((n * factor,), 1.0 / factor), f"tile x{factor}")
+
+
+def select(n: int, keep: torch.Tensor, fan_in: float = 1.0, label: str = "") -> WidthMap:
+    keep = torch.as_tensor(keep, dtype=torch.long)
+    if keep.numel() and (keep.min() < 0 or keep.max() >= n):
+        raise ValueError("selected positions outside the source")
+    return WidthMap(keep, torch.full((keep.numel(),), float(fan_in)), label or f"select {keep.numel()} of {n}")
+
+
+def per_head(head_map: WidthMap, head_dim: int) -> WidthMap:
+    """Lift a map over whole heads to the elements (head x head_dim) that the weights index."""
+    offs = torch.arange(head_dim)
+    src = head_map.src.repeat_interleave(head_dim) * head_dim + offs.repeat(head_map.size)
+    src[head_map.src.repeat_interleave(head_dim) < 0] = -1
+    return WidthMap(src, head_map.fan_in.repeat_interleave(head_dim), head_map.label + " (heads)" if head_map.label else "")
+
+
+def concat(maps: list[WidthMap], source_sizes: list[int]) -> WidthMap:
+    """The map of a fused axis (e.g. q|k|v) from the maps of its parts."""
+    srcs, fans, offset = [], [], 0
+    for m, n in zip(maps, source_sizes):
+        srcs.append(torch.where(m.src >= 0, m.src + offset, m.src))
+        fans.append(m.fan_in)
+        offset += n
+    labels = [m.label for m in maps if m.label]
+    return WidthMap(torch.cat(srcs), torch.cat(fans), " | ".join(labels))

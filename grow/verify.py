@@ -1,0 +1,121 @@
+"""Load source and target in the framework users use, run both on seeded inputs, and compare."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from .arch.spec import spec_for
+from .checkpoint import Source
+from .plan import RECIPE_FILE
+
+DEFAULT_TOL = 1e-4
+
+
+def load_model(path: Path, framework: str):
+    """The model as transformers or timm load it, in float32, in eval mode."""
+    if framework == "timm":
+        import timm
+
+        return timm.create_model(f"local-dir:{path}", pretrained=True).float().eval()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def random_model_like(path: Path, framework: str, seed: int):
+    """A freshly initialised model with the target's shape: the baseline a lossy method must beat."""
+    torch.manual_seed(seed)
+    if framework == "timm":
+        import timm
+
+        cfg = json.loads((path / "config.json").read_text())
+        return timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {})).float().eval()
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def sample_inputs(config: dict, framework: str, seed: int, batch: int = 2, seq_len: int = 32, vocab: int | None = None):
+    gen = torch.Generator().manual_seed(seed)
+    if framework == "timm":
+        size = config.get("pretrained_cfg", {}).get("input_size") or [3, 224, 224]
+        return torch.randn((batch, *size), generator=gen)
+    return torch.randint(0, vocab, (batch, seq_len), generator=gen)
+
+
+def run(model, inputs: torch.Tensor, framework: str) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(inputs)
+    return (out if framework == "timm" else out.logits).float()
+
+
+def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    diff = (out - ref).double()
+    logp, logq = torch.log_softmax(ref.double(), -1), torch.log_softmax(out.double(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean()
+    return {
+        "max_abs_diff": diff.abs().max().item(),
+        "rel_error": (diff.norm() / ref.double().norm().clamp_min(1e-30)).item(),
+        "top1_agreement": (ref.argmax(-1) == out.argmax(-1)).double().mean().item(),
+        "kl": kl.item(),
+    }
+
+
+def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 256) -> float | None:
+    """Next-token loss on a fixed passage of the Python standard library, when a tokenizer is there."""
+    try:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception:
+        return None
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+    if ids.shape[1] < 2 or int(ids.max()) >= model.get_input_embeddings().num_embeddings:
+        return None
+    with torch.no_grad():
+        return model(ids, labels=ids).loss.item()
+
+
+def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
+    source = Source(src)
+    target = Source(dst)
+    framework = spec_for(source.config, str(source.path / "config.json")).framework
+    recipe_path = target.path / RECIPE_FILE
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    exact = bool(recipe.get("exact", True))
+
+    ref_model = load_model(source.path, framework)
+    tgt_model = load_model(target.path, framework)
+    if framework == "timm":
+        inputs = sample_inputs(source.config, framework, seed)
+    else:
+        vocab = min(ref_model.get_input_embeddings().num_embeddings, tgt_model.get_input_embeddings().num_embeddings)
+        inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
+    ref = run(ref_model, inputs, framework)
+    report = {
+        "source": source.id,
+        "target": str(target.path),
+        "method": recipe.get("method"),
+        "exact_expected": exact,
+        "tolerance": tol,
+        **compare(ref, run(tgt_model, inputs, framework)),
+    }
+    if framework == "transformers":
+        report["loss_source"] = sample_text_loss(ref_model, source.path)
+        report["loss_target"] = sample_text_loss(tgt_model, source.path)
+    if not exact:
+        del tgt_model
+        baseline = random_model_like(target.path, framework, seed)
+        report["baseline_random_init"] = compare(ref, run(baseline, inputs, framework))
+        if framework == "transformers":
+            report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path)
+    report["passed"] = (report["rel_error"] <= tol) if exact else True
+    return report

@@ -1,0 +1,142 @@
+"""Output: sharded safetensors written as a stream, inside a folder that appears atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, INDEX_NAME, ITEMSIZE, WEIGHTS_NAME
+from .errors import GrowError, UsageError
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> bytes (decimal units, as transformers' max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise UsageError(f"--shard-size {text!r} is not a size; write it like 5GB or 500MB.") from None
+    if value < 1:
+        raise UsageError(f"--shard-size must be positive, not {text!r}.")
+    return int(value)
+
+
+def _nbytes(dtype: str, shape) -> int:
+    n = ITEMSIZE[dtype]
+    for s in shape:
+        n *= s
+    return n
+
+
+class ShardedWriter:
+    """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
+    so nothing is buffered beyond the tensor being written."""
+
+    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
+        self.folder = folder
+        self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+        size = 0
+        for item in layout:
+            nbytes = _nbytes(item[1], item[2])
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(item)
+            size += nbytes
+        n = len(self.shards)
+        self.names = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+        self.total_size = sum(_nbytes(d, s) for _, d, s in layout)
+        self._shard = -1
+        self._pos = 0
+        self._file = None
+
+    def _open_next(self) -> None:
+        if self._file:
+            self._file.close()
+        self._shard += 1
+        self._pos = 0
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in self.shards[self._shard]:
+            nbytes = _nbytes(dtype, shape)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._file = open(self.folder / self.names[self._shard], "wb")
+        self._file.write(len(blob).to_bytes(8, "little") + blob)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._file is None or self._pos == len(self.shards[self._shard]):
+            self._open_next()
+        want_name, want_dtype, want_shape = self.shards[self._shard][self._pos]
+        got_dtype = DTYPE_NAMES[tensor.dtype]
+        if (name, got_dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
+            raise RuntimeError(f"writer expected {want_name} {want_dtype}{list(want_shape)}, got {name} {got_dtype}{list(tensor.shape)}")
+        flat = tensor.contiguous().reshape(-1)
+        if flat.numel():
+            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def close(self) -> list[str]:
+        if self._file:
+            self._file.close()
+            self._file = None
+        written = sum(len(s) for s in self.shards[: self._shard]) + self._pos
+        if written != sum(len(s) for s in self.shards):
+            raise RuntimeError("writer closed before every tensor was written")
+        if len(self.names) > 1:
+            weight_map = {name: self.names[k] for k, shard in enumerate(self.shards) for name, _, _ in shard}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return self.names
+
+
+def check_target(src: Path, dst: Path, force: bool) -> None:
+    src, dst = src.resolve(), dst.resolve()
+    if dst == src or src in dst.parents:
+        raise UsageError(f"the target {dst} lies inside the source {src}; choose a folder outside it.")
+    if dst in src.parents:
+        raise UsageError(f"the target {dst} contains the source {src}; choose another folder.")
+    if dst.exists() and not force:
+        raise GrowError(f"{dst} already exists; choose another target or pass --force to replace it.")
+    if dst.exists() and not dst.is_dir():
+        raise GrowError(f"{dst} exists and is not a folder; remove it or choose another target.")
+
+
+@contextmanager
+def atomic_folder(dst: Path, force: bool):
+    """Yield a temporary folder beside dst; on success it replaces dst, on any failure it is removed."""
+    dst = dst.resolve()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.grow-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            if not force:
+                raise GrowError(f"{dst} appeared while grow was writing; nothing was replaced.")
+            old = dst.parent / f".{dst.name}.grow-old-{os.getpid()}"
+            os.rename(dst, old)
+            os.rename(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == 28:
+            raise GrowError(f"the disk under {dst.parent} is full; free space and run again (nothing was written).") from None
+        raise GrowError(f"writing {dst} failed: {e.strerror or e}; nothing was written.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,28 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny_models import LANGUAGE_KINDS, save_language_model, save_vit  # noqa: E402
+
+MODEL_KINDS = [(k, False) for k in LANGUAGE_KINDS] + [("llama", True), ("qwen3", True), ("gpt2", True)]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(kind, tied=False) -> folder of a tiny random model, built once per session."""
+    cache: dict = {}
+
+    def get(kind: str, tied: bool = False) -> Path:
+        key = (kind, tied)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{kind}{'_tied' if tied else ''}")
+            cache[key] = save_vit(path) if kind == "vit" else save_language_model(kind, path, tied=tied)
+        return cache[key]
+
+    return get
