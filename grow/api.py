@@ -73,6 +73,20 @@ def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 
 
+def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, verify: bool = False,
+           force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
+    """Write a smaller model that keeps as much of `src` as the method can."""
+    return _operate("shrink", ops.SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+                    shard_size=shard_size, tol=tol, progress=progress, options=options)
+
+
+def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify: bool = False,
+            force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
+    """Turn a dense model into a mixture of experts."""
+    return _operate("upcycle", ops.UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+                    shard_size=shard_size, tol=tol, progress=progress, options=options)
+
+
 def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
     """Run source and target in transformers or timm and report how far apart they are."""
     return _verify(src, dst, tol=tol, seed=seed)

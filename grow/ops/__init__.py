@@ -5,3 +5,5 @@ from . import hypercloning
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
 }
+SHRINK_METHODS: dict = {}
+UPCYCLE_METHODS: dict = {}
