@@ -46,7 +46,10 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
     shard_bytes = parse_size(shard_size)
     source = Source(src)
-    plan = _build(methods[method], ModelView(source), method, options)
+    view = ModelView(source)
+    if view.spec.framework == "timm":
+        shard_bytes = None  # timm's local-dir loader reads a single weights file
+    plan = _build(methods[method], view, method, options)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
     if dry_run:
         return result

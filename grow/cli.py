@@ -17,7 +17,7 @@ from .errors import GrowError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink a trained checkpoint into a model of another size.")
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
@@ -103,10 +103,12 @@ def _render_operation(result: dict) -> None:
         out.print(_table(f"plan: {plan['operation']} {result['source']}", rows))
         for note in plan["notes"]:
             out.print(f"note: {note}", highlight=False)
-        t = Table("tensor", "shape", "dtype", "recipe", title="tensors", title_justify="left")
+        # one plain line per tensor: names and recipes are never cut to fit a table
+        width = max(len(r["name"]) for r in plan["tensors"])
+        out.print(f"\n{'tensor':<{width}}  {'shape':<14} dtype  recipe", style="bold", highlight=False)
         for r in plan["tensors"]:
-            t.add_row(r["name"], "x".join(map(str, r["shape"])), r["dtype"], r["recipe"])
-        out.print(t)
+            shape = "x".join(map(str, r["shape"]))
+            out.print(f"{r['name']:<{width}}  {shape:<14} {r['dtype']:<5}  {r['recipe']}", highlight=False)
         return
     rows = [("method", plan["method"]), ("exact", plan["exact"]), ("target", result["target"]),
             ("source parameters", result["source_parameters"]), ("target parameters", result["target_parameters"]),

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, ITEMSIZE, Source, sha256_file
+from .checkpoint import DTYPES, INDEX_NAME, ITEMSIZE, Source, sha256_file
 from .writer import ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
@@ -204,7 +204,7 @@ def _numel(shape) -> int:
     return n
 
 
-def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int, force: bool = False,
+def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, force: bool = False,
             progress: Callable[[int, int], None] | None = None) -> dict:
     """Stream the plan into dst: read, build, write and free one tensor at a time."""
     dst = Path(dst)
@@ -241,6 +241,8 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int, force: bo
 
 def _hash_sources(source: Source) -> dict[str, str]:
     paths = [source.path / "config.json", *source.files]
+    if (source.path / INDEX_NAME).is_file():
+        paths.insert(1, source.path / INDEX_NAME)
     return {str(p.relative_to(source.path)): sha256_file(p) for p in paths}
 
 

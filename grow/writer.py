@@ -41,13 +41,13 @@ class ShardedWriter:
     """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
     so nothing is buffered beyond the tensor being written."""
 
-    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int):
+    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int | None):
         self.folder = folder
         self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
         for item in layout:
             nbytes = _nbytes(item[1], item[2])
-            if self.shards[-1] and size + nbytes > max_shard_bytes:
+            if max_shard_bytes and self.shards[-1] and size + nbytes > max_shard_bytes:
                 self.shards.append([])
                 size = 0
             self.shards[-1].append(item)
