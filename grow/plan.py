@@ -95,44 +95,101 @@ class TensorRecipe:
         return "; ".join(parts)
 
 
+WORK_ELEMENTS = 1 << 24  # float32 elements per working block (64 MB): bounds memory whatever the tensor size
+
+
 def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
-    """Build one output tensor in float32 from its recipe, then cast it to the output dtype."""
+    """Build one output tensor from its recipe.
+
+    Gathers run in the source dtype (copies are exact in any dtype); the arithmetic (scales, new
+    values, noise) runs in float32 over blocks of rows and is rounded once to the output dtype, so
+    memory stays near source + output whatever the tensor size."""
     gen = torch.Generator().manual_seed(r.seed)
+    out_dtype = DTYPES[r.dtype]
     if r.sources:
         parts = [load(s) for s in r.sources]
-        t = parts[0].to(torch.float32, copy=True) if len(parts) == 1 else torch.cat([p.float() for p in parts], r.concat_axis)
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, r.concat_axis)
         del parts
     else:
         t = r.init.sample(r.base_shape or r.shape, gen)
-    new = None
+    loaded = bool(r.sources) and len(r.sources) == 1
+    fresh_axes: list[tuple[int, torch.Tensor]] = []
+    scales: list[tuple[int, torch.Tensor]] = []
     for axis, m in enumerate(r.axes):
         if m is None:
             continue
-        view = [1] * t.dim()
-        view[axis] = -1
         if m.index is not None:
             t = t.index_select(axis, m.index.clamp(min=0))
-            fresh = m.index < 0
-            if fresh.any():
-                fresh = fresh.view(view)
-                new = fresh if new is None else new | fresh
+            loaded = False
+            if (m.index < 0).any():
+                fresh_axes.append((axis, m.index < 0))
         if m.scale is not None:
-            t.mul_(m.scale.to(torch.float32).view(view))
-    if r.scale != 1.0:
-        t.mul_(r.scale)
-    if new is not None:
-        t = torch.where(new, r.init.sample(t.shape, gen), t)
-    if r.noise is not None:
-        t.add_(zero_sum_noise(t, r.noise, gen))
+            scales.append((axis, m.scale.to(torch.float32)))
     if tuple(t.shape) != tuple(r.shape):
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
-    return t.to(DTYPES[r.dtype])
+    if not (scales or fresh_axes or r.noise or r.scale != 1.0):
+        return t.to(out_dtype)
+    if r.noise is not None and r.noise.axis == 0:
+        # noise that must sum to zero down the rows needs every row at once
+        return _arithmetic(t.to(torch.float32, copy=True), r, scales, fresh_axes, gen, 0).to(out_dtype)
+    # write into t itself when it is a private tensor of the output dtype, else into a fresh one
+    out = t if (t.dtype == out_dtype and not loaded) else torch.empty(r.shape, dtype=out_dtype)
+    rows = r.shape[0] if r.shape else 1
+    step = max(1, WORK_ELEMENTS // max(1, t.numel() // max(rows, 1)))
+    noise_std = _noise_std(t, r, scales, step) if r.noise is not None else None
+    for a in range(0, rows, step):
+        block = t[a:a + step].to(torch.float32, copy=True) if r.shape else t.to(torch.float32, copy=True)
+        block = _arithmetic(block, r, scales, fresh_axes, gen, a, noise_std)
+        if r.shape:
+            out[a:a + step] = block
+        else:
+            out.copy_(block)
+    return out
 
 
-def zero_sum_noise(t: torch.Tensor, noise: Noise, gen: torch.Generator) -> torch.Tensor:
-    power = t.pow(2).mean().item()
-    std = (power / 10 ** (noise.snr_db / 10)) ** 0.5
-    n = torch.randn(t.shape, generator=gen) * std
+def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, noise_std: float | None = None):
+    """Scales, new values and noise on a block of rows starting at row0 (float32, in place where possible)."""
+    n = block.shape[0] if block.dim() else 1
+    for axis, scale in scales:
+        view = [1] * block.dim()
+        view[axis] = -1
+        block.mul_((scale[row0:row0 + n] if axis == 0 else scale).view(view))
+    if r.scale != 1.0:
+        block.mul_(r.scale)
+    if fresh_axes:
+        mask = torch.zeros(block.shape, dtype=torch.bool)
+        for axis, fresh in fresh_axes:
+            view = [1] * block.dim()
+            view[axis] = -1
+            mask |= (fresh[row0:row0 + n] if axis == 0 else fresh).view(view)
+        block = torch.where(mask, r.init.sample(block.shape, gen), block)
+    if r.noise is not None:
+        std = noise_std if noise_std is not None else _std_for_snr(block.pow(2).mean().item(), r.noise.snr_db)
+        block.add_(zero_sum_noise(block.shape, r.noise, std, gen))
+    return block
+
+
+def _std_for_snr(power: float, snr_db: float) -> float:
+    return (power / 10 ** (snr_db / 10)) ** 0.5
+
+
+def _noise_std(t: torch.Tensor, r: TensorRecipe, scales, step: int) -> float:
+    """Noise level from the mean square of the whole (scaled) tensor, measured block by block."""
+    total, count = 0.0, 0
+    for a in range(0, t.shape[0], step):
+        block = t[a:a + step].to(torch.float32, copy=True)
+        for axis, scale in scales:
+            view = [1] * block.dim()
+            view[axis] = -1
+            block.mul_((scale[a:a + step] if axis == 0 else scale).view(view))
+        total += block.mul_(r.scale).pow_(2).sum().item()
+        count += block.numel()
+    return _std_for_snr(total / max(count, 1), r.noise.snr_db)
+
+
+def zero_sum_noise(shape, noise: Noise, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise of the given std that sums to zero within each group along noise.axis."""
+    n = torch.randn(shape, generator=gen)
     groups = noise.groups.long()
     ngroups = int(groups.max()) + 1
     moved = n.movedim(noise.axis, 0)
@@ -141,7 +198,7 @@ def zero_sum_noise(t: torch.Tensor, noise: Noise, gen: torch.Generator) -> torch
     moved -= (sums / counts)[groups]
     # centring a group of m removes 1/m of the variance; restore it so the SNR is the one asked for
     m = counts[groups]
-    moved *= torch.where(m > 1, (m / (m - 1).clamp_min(1)).sqrt(), torch.zeros(()))
+    moved *= torch.where(m > 1, (m / (m - 1).clamp_min(1)).sqrt(), torch.zeros(())) * std
     return moved.movedim(0, noise.axis)
 
 

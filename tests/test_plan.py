@@ -1,0 +1,99 @@
+"""The executor's mechanisms: gather/scale recipes, row-blocked arithmetic, zero-sum noise, the streaming writer."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import grow.plan as plan
+from grow.plan import AxisMap, Init, Noise, TensorRecipe, materialize
+from grow.writer import ShardedWriter, parse_size
+
+
+def _recipe(**kw):
+    index0 = torch.tensor([2, 0, 1, -1, 2, 0])
+    index1 = torch.arange(5).repeat(2)
+    base = dict(name="w", shape=(6, 10), dtype="F32", sources=("src",),
+                axes=(AxisMap(index0, torch.linspace(0.5, 2.0, 6)), AxisMap(index1, torch.full((10,), 0.5))),
+                scale=3.0, init=Init("normal", 0.01), seed=7)
+    base.update(kw)
+    return TensorRecipe(**base)
+
+
+SRC = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+
+def test_gather_and_scale_match_the_direct_formula():
+    r = _recipe(axes=(AxisMap(torch.tensor([2, 0, 1, 1, 2, 0]), torch.linspace(0.5, 2.0, 6)),
+                      AxisMap(torch.arange(5).repeat(2), torch.full((10,), 0.5))))
+    out = materialize(r, {"src": SRC}.__getitem__)
+    want = SRC.float()[[2, 0, 1, 1, 2, 0]][:, list(range(5)) * 2] * torch.linspace(0.5, 2.0, 6)[:, None] * 0.5 * 3.0
+    assert torch.equal(out, want)
+    assert SRC.dtype == torch.bfloat16  # the source tensor is never written into
+
+
+@pytest.mark.parametrize("dtype", ["F32", "BF16"])
+def test_row_blocks_give_the_same_tensor(monkeypatch, dtype):
+    r = _recipe(dtype=dtype, init=Init("zeros"))
+    whole = materialize(r, {"src": SRC}.__getitem__)
+    monkeypatch.setattr(plan, "WORK_ELEMENTS", 10)  # one row per block
+    blocked = materialize(r, {"src": SRC}.__getitem__)
+    assert torch.equal(whole, blocked)
+    assert torch.all(whole[3] == 0)  # the new row
+
+
+def test_new_positions_are_filled_from_init():
+    out = materialize(_recipe(init=Init("ones")), {"src": SRC}.__getitem__)
+    assert torch.all(out[3] == 1)
+    assert not torch.any(out[[0, 1, 2, 4, 5]] == 1)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_noise_sums_to_zero_within_groups_and_hits_the_snr(axis):
+    groups = torch.arange(200).repeat(2) if axis == 1 else torch.arange(100).repeat(2)
+    shape = (100, 400) if axis == 1 else (200, 200)
+    index = [None, None]
+    index[axis] = AxisMap(groups)
+    src = torch.randn(100, 200, generator=torch.Generator().manual_seed(1))
+    r = TensorRecipe("n", shape, "F32", ("s",), axes=tuple(index), noise=Noise(axis, groups, 20.0), seed=3)
+    out = materialize(r, {"s": src}.__getitem__)
+    clean = src.index_select(axis, groups)
+    noise = (out - clean).movedim(axis, 0)
+    pairs = noise[: groups.numel() // 2] + noise[groups.numel() // 2:]
+    assert pairs.abs().max() < 1e-5  # the two copies of each input cancel
+    snr = 10 * torch.log10(clean.pow(2).mean() / noise.pow(2).mean())
+    assert abs(snr.item() - 20.0) < 0.5
+
+
+def test_generated_tensor_with_shared_rows():
+    r = TensorRecipe("router", (4, 6), "F32", base_shape=(2, 6), axes=(AxisMap(torch.tensor([0, 0, 1, 1])), None),
+                     init=Init("normal", 0.02), seed=1)
+    out = materialize(r, {}.__getitem__)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[2], out[3]) and not torch.equal(out[0], out[2])
+
+
+def test_writer_streams_shards_that_read_back(tmp_path):
+    tensors = {f"t{i}": torch.randn(50, 40 + i).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
+    layout = [(k, "BF16" if v.dtype == torch.bfloat16 else "F32", tuple(v.shape)) for k, v in tensors.items()]
+    w = ShardedWriter(tmp_path, layout, max_shard_bytes=20_000)
+    for k, v in tensors.items():
+        w.write(k, v)
+    names = w.close()
+    assert len(names) > 1
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in tensors.values())
+    for k, v in tensors.items():
+        with safe_open(str(tmp_path / index["weight_map"][k]), "pt") as f:
+            assert torch.equal(f.get_tensor(k), v)
+            assert f.metadata() == {"format": "pt"}
+
+
+def test_writer_refuses_out_of_order_tensors(tmp_path):
+    w = ShardedWriter(tmp_path, [("a", "F32", (2,)), ("b", "F32", (2,))], None)
+    with pytest.raises(RuntimeError):
+        w.write("b", torch.zeros(2))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
