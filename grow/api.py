@@ -17,6 +17,16 @@ from .verify import verify as _verify
 from .writer import parse_size
 
 
+def peak_rss_bytes() -> int:
+    """This process's resident-memory high-water mark (VmHWM; unlike ru_maxrss it does not carry a
+    parent's peak across exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def inspect(src) -> dict:
     """Architecture, every size an operator changes (under the config's own key names), parameters, dtype, tie."""
     view = ModelView(Source(src))
@@ -60,7 +70,7 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         seconds=stats["seconds"],
         bytes_written=stats["bytes"],
         files=stats["files"],
-        peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        peak_rss_bytes=peak_rss_bytes(),
     )
     del result["plan"]["tensors"]
     if verify:

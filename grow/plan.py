@@ -14,7 +14,7 @@ import torch
 
 from . import __version__
 from .checkpoint import DTYPES, INDEX_NAME, ITEMSIZE, Source, sha256_file
-from .writer import ShardedWriter, atomic_folder, check_target
+from .writer import BackgroundWriter, ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
 
@@ -95,7 +95,7 @@ class TensorRecipe:
         return "; ".join(parts)
 
 
-WORK_ELEMENTS = 1 << 24  # float32 elements per working block (64 MB): bounds memory whatever the tensor size
+WORK_ELEMENTS = 1 << 20  # float32 elements per working block (4 MB): bounds memory, stays in cache
 
 
 def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -119,7 +119,7 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if m is None:
             continue
         if m.index is not None:
-            t = t.index_select(axis, m.index.clamp(min=0))
+            t = gather(t, axis, m.index.clamp(min=0))
             loaded = False
             if (m.index < 0).any():
                 fresh_axes.append((axis, m.index < 0))
@@ -129,6 +129,14 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
     if not (scales or fresh_axes or r.noise or r.scale != 1.0):
         return t.to(out_dtype)
+    if not (fresh_axes or r.noise) and t.dtype == out_dtype and _powers_of_two(scales, r.scale):
+        # multiplying by 2^k rounds nothing: scale in the output dtype, one pass, no float32 copy
+        out = t.clone() if loaded else t
+        for axis, scale in scales:
+            view = [1] * out.dim()
+            view[axis] = -1
+            out.mul_(scale.to(out_dtype).view(view))
+        return out.mul_(r.scale) if r.scale != 1.0 else out
     if r.noise is not None and r.noise.axis == 0:
         # noise that must sum to zero down the rows needs every row at once
         return _arithmetic(t.to(torch.float32, copy=True), r, scales, fresh_axes, gen, 0).to(out_dtype)
@@ -145,6 +153,20 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         else:
             out.copy_(block)
     return out
+
+
+def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """t.index_select(axis, index), done as a few slice copies when the index is a few contiguous
+    runs (tiling, truncation): memory-speed instead of an element-wise gather."""
+    if index.numel() == 0:
+        return t.index_select(axis, index)
+    breaks = torch.nonzero(index[1:] != index[:-1] + 1).flatten() + 1
+    if breaks.numel() >= 64:
+        return t.index_select(axis, index)
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), index.numel()]
+    pieces = [t.narrow(axis, int(index[a]), b - a) for a, b in zip(starts, ends)]
+    return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, axis)
 
 
 def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, noise_std: float | None = None):
@@ -167,6 +189,12 @@ def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, nois
         std = noise_std if noise_std is not None else _std_for_snr(block.pow(2).mean().item(), r.noise.snr_db)
         block.add_(zero_sum_noise(block.shape, r.noise, std, gen))
     return block
+
+
+def _powers_of_two(scales, scalar: float) -> bool:
+    values = torch.cat([s.flatten() for _, s in scales] + [torch.tensor([scalar], dtype=torch.float32)])
+    mantissa, _ = torch.frexp(values)
+    return bool(torch.all(mantissa.abs() == 0.5))
 
 
 def _std_for_snr(power: float, snr_db: float) -> float:
@@ -271,16 +299,21 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
     hasher.start()
     start = time.perf_counter()
     with atomic_folder(dst, force) as tmp:
-        writer = ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size)
-        done = 0
-        for r in plan.recipes:
-            t = materialize(r, source.get)
-            writer.write(r.name, t)
-            done += r.nbytes
-            del t
+        written = [0]
+
+        def on_written(t: torch.Tensor) -> None:
+            written[0] += t.numel() * t.element_size()
             if progress:
-                progress(done, plan.nbytes)
-        files = writer.close()
+                progress(written[0], plan.nbytes)
+
+        writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
+                                  on_written)
+        try:
+            for r in plan.recipes:
+                writer.submit(r.name, materialize(r, source.get))
+            files = writer.close()
+        finally:
+            writer.stop()
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         for f in source.companion_files():
             shutil.copy2(f, tmp / f.name)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,6 +101,55 @@ class ShardedWriter:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return self.names
+
+
+class BackgroundWriter:
+    """Writes on a thread so the disk works while the next tensor is built. At most two tensors are
+    alive: the one being written and the one being built (submit waits for the previous write)."""
+
+    def __init__(self, writer: ShardedWriter, on_written=None):
+        self.writer = writer
+        self.on_written = on_written
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    self.writer.write(*item)
+                    if self.on_written:
+                        self.on_written(item[1])
+            except BaseException as e:  # handed to the main thread at the next submit or close
+                self.error = e
+            finally:
+                del item
+                self._queue.task_done()
+
+    def submit(self, name: str, tensor: torch.Tensor) -> None:
+        self._queue.join()  # the previous tensor is on disk (and freed) before this one is queued
+        self._raise()
+        self._queue.put((name, tensor))
+
+    def close(self) -> list[str]:
+        self.stop()
+        self._raise()
+        return self.writer.close()
+
+    def stop(self) -> None:
+        """Finish the write in progress and end the thread; safe to call twice."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def check_target(src: Path, dst: Path, force: bool) -> None:

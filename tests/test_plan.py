@@ -97,3 +97,16 @@ def test_writer_refuses_out_of_order_tensors(tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MB") == 5 * 10**8 and parse_size("2GiB") == 2 * 2**30
+
+
+@pytest.mark.parametrize("scale", [0.5, 1 / 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_copy_rounds_once(scale, dtype):
+    """Power-of-two scales take the native-dtype path, others the float32 path: both give the
+    float32 result rounded once."""
+    src = (torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 0.05).to(dtype)
+    name = "BF16" if dtype == torch.bfloat16 else "F16"
+    r = TensorRecipe("w", (64, 96), name, ("s",), axes=(None, AxisMap(torch.arange(48).repeat(2), torch.full((96,), scale))))
+    out = materialize(r, {"s": src}.__getitem__)
+    want = (src.float().repeat(1, 2) * torch.tensor(scale, dtype=torch.float32)).to(dtype)
+    assert out.dtype == dtype and torch.equal(out, want)
