@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .api import expand, inspect, shrink, upcycle, verify  # noqa: E402
+from .api import expand, inspect, run, shrink, upcycle, verify  # noqa: E402
 from .errors import GrowError, UsageError, VerificationFailed  # noqa: E402
 
-__all__ = ["expand", "inspect", "shrink", "upcycle", "verify", "GrowError", "UsageError", "VerificationFailed", "__version__"]
+__all__ = ["expand", "inspect", "run", "shrink", "upcycle", "verify", "GrowError", "UsageError", "VerificationFailed", "__version__"]

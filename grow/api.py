@@ -7,10 +7,10 @@ import resource
 from pathlib import Path
 from typing import Callable
 
-from . import ops
+from . import ops, recipes
 from .arch.view import ModelView
 from .checkpoint import DTYPES, Source
-from .errors import UsageError
+from .errors import GrowError, UsageError, VerificationFailed
 from .plan import Plan, execute
 from .verify import DEFAULT_TOL
 from .verify import verify as _verify
@@ -98,6 +98,29 @@ def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify
     """Turn a dense model into a mixture of experts."""
     return _operate("upcycle", ops.UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
+
+
+def run(recipe, *, dst=None, progress=None) -> list[dict]:
+    """Run every job of a recipe file in order (or re-make an output from its grow.json into dst).
+    A failing job stops the run with an error that names it; earlier outputs stay complete."""
+    results = []
+    for k, (command, args) in enumerate(recipes.load_jobs(recipe, dst), 1):
+        fn = {"expand": expand, "shrink": shrink, "upcycle": upcycle, "verify": verify}[command]
+        label = f"job {k} ({recipes.describe(command, args)})"
+        kwargs = {key: v for key, v in args.items() if key not in ("src", "dst")}
+        if command != "verify":
+            kwargs["progress"] = progress
+        try:
+            result = fn(args["src"], args["dst"], **kwargs)
+        except GrowError as e:
+            raise type(e)(f"{label}: {e}") from None
+        except TypeError as e:
+            raise UsageError(f"{label}: {e}.") from None
+        results.append({"job": k, "command": command, **result})
+        report = result if command == "verify" else result.get("verification")
+        if report and not report["passed"]:
+            raise VerificationFailed(f"{label}: relative error {report['rel_error']:.3g} exceeds {report['tolerance']:g}.")
+    return results
 
 
 def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:

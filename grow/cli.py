@@ -183,5 +183,30 @@ def verify_cmd(src: str, dst: str, tol: TOL = api.DEFAULT_TOL, seed: SEED = 0, j
         raise typer.Exit(3)
 
 
+@app.command("run")
+@handled
+def run_cmd(
+    recipe: Annotated[str, typer.Argument(help="A recipe file (YAML/JSON with a 'jobs' list) or an output's grow.json.")],
+    dst: Annotated[Optional[str], typer.Option(help="With a grow.json: where to re-make that output.")] = None,
+    json_: JSON = False,
+    quiet: QUIET = False,
+    debug: DEBUG = False,
+):
+    """Run the jobs of a recipe file in order, or re-make an output from its grow.json."""
+    bar, callback = _progress(quiet)
+    if bar:
+        bar.start()
+    try:
+        results = api.run(recipe, dst=dst, progress=callback)
+    finally:
+        if bar:
+            bar.stop()
+    if json_:
+        print(json.dumps(results, indent=2, default=str))
+        return
+    for r in results:
+        (_render_verification if r["command"] == "verify" else _render_operation)(r)
+
+
 def main() -> None:
     app()
