@@ -45,10 +45,12 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def tensor_nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor of a safetensors dtype and shape."""
+    return ITEMSIZE[dtype] * numel(shape)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -162,14 +164,14 @@ class Source:
 
     @property
     def num_parameters(self) -> int:
-        return sum(_numel(t.shape) for t in self.tensors.values())
+        return sum(numel(t.shape) for t in self.tensors.values())
 
     @property
     def dtype(self) -> str:
         """The most common floating dtype of the weights, as safetensors names it."""
         counts: dict[str, int] = {}
         for t in self.tensors.values():
-            counts[t.dtype] = counts.get(t.dtype, 0) + _numel(t.shape)
+            counts[t.dtype] = counts.get(t.dtype, 0) + numel(t.shape)
         return max(counts, key=counts.get)
 
     def get(self, name: str) -> torch.Tensor:
@@ -186,7 +188,7 @@ class Source:
         self._handles.clear()
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
     n = 1
     for s in shape:
         n *= s

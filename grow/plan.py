@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, INDEX_NAME, ITEMSIZE, Source, sha256_file
+from .checkpoint import DTYPES, INDEX_NAME, Source, numel, sha256_file, tensor_nbytes
 from .writer import BackgroundWriter, ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
@@ -78,10 +78,7 @@ class TensorRecipe:
 
     @property
     def nbytes(self) -> int:
-        n = ITEMSIZE[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return tensor_nbytes(self.dtype, self.shape)
 
     def describe(self) -> str:
         parts = [" + ".join(self.sources) if self.sources else f"new {self.init}"]
@@ -246,7 +243,7 @@ class Plan:
 
     @property
     def num_parameters(self) -> int:
-        return sum(_numel(r.shape) for r in self.recipes)
+        return sum(numel(r.shape) for r in self.recipes)
 
     @property
     def nbytes(self) -> int:
@@ -280,13 +277,6 @@ class Plan:
                 {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "recipe": r.describe()} for r in self.recipes
             ],
         }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, force: bool = False,

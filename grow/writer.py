@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, INDEX_NAME, ITEMSIZE, WEIGHTS_NAME
+from .checkpoint import DTYPE_NAMES, INDEX_NAME, WEIGHTS_NAME, tensor_nbytes
 from .errors import GrowError, UsageError
 
 
@@ -32,13 +32,6 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-def _nbytes(dtype: str, shape) -> int:
-    n = ITEMSIZE[dtype]
-    for s in shape:
-        n *= s
-    return n
-
-
 class ShardedWriter:
     """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
     so nothing is buffered beyond the tensor being written."""
@@ -48,7 +41,7 @@ class ShardedWriter:
         self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
         for item in layout:
-            nbytes = _nbytes(item[1], item[2])
+            nbytes = tensor_nbytes(item[1], item[2])
             if max_shard_bytes and self.shards[-1] and size + nbytes > max_shard_bytes:
                 self.shards.append([])
                 size = 0
@@ -56,7 +49,7 @@ class ShardedWriter:
             size += nbytes
         n = len(self.shards)
         self.names = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        self.total_size = sum(_nbytes(d, s) for _, d, s in layout)
+        self.total_size = sum(tensor_nbytes(d, s) for _, d, s in layout)
         self._shard = -1
         self._pos = 0
         self._file = None
@@ -69,7 +62,7 @@ class ShardedWriter:
         header: dict = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name, dtype, shape in self.shards[self._shard]:
-            nbytes = _nbytes(dtype, shape)
+            nbytes = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()

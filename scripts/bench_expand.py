@@ -124,13 +124,13 @@ def main() -> None:
         make_source(src, args.layers)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import grow
-    from grow.checkpoint import Source
+    from grow.checkpoint import Source, tensor_nbytes
 
     source = Source(src)
     src_bytes = sum(f.stat().st_size for f in source.files)
     plan = grow.expand(src, None, factor=2, dry_run=True)["plan"]
     out_bytes = plan["bytes"]
-    largest = max(_nbytes(t) for t in plan["tensors"])
+    largest = max(tensor_nbytes(t["dtype"], t["shape"]) for t in plan["tensors"])
 
     for f in source.files:  # same start for everyone: the source in the page cache
         with open(f, "rb") as fh:
@@ -161,13 +161,6 @@ def main() -> None:
           f"{'met' if g['peak_rss'] < budget else 'MISSED'}")
     ratio = (g["bytes"] / g["seconds"]) / floor_tp
     print(f"goal: grow throughput {ratio:.0%} of the floor >= 50%: {'met' if ratio >= 0.5 else 'MISSED'}")
-
-
-def _nbytes(t: dict) -> int:
-    n = {"BF16": 2, "F16": 2, "F32": 4}[t["dtype"]]
-    for s in t["shape"]:
-        n *= s
-    return n
 
 
 if __name__ == "__main__":
