@@ -81,3 +81,41 @@ def test_companion_files_are_copied(model_dir, tmp_path):
     grow.expand(src, out, factor=2)
     assert json.loads((out / "generation_config.json").read_text()) == {"max_new_tokens": 7}
     assert (out / "tokenizer_config.json").is_file()
+
+
+def _rewrite(folder, rename, extra=None):
+    """Re-save a checkpoint with renamed tensors (and extra buffers), the way older exports look."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {rename(k): f.get_tensor(k) for k in f.keys()}
+    tensors.update(extra or {})
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_original_gpt2_names_and_old_buffers(model_dir, tmp_path):
+    import torch
+
+    src = tmp_path / "gpt2"
+    shutil.copytree(model_dir("gpt2", True), src)
+    _rewrite(src, lambda k: k.removeprefix("transformer."),
+             {"h.0.attn.bias": torch.ones(1, 1, 64, 64), "h.1.attn.bias": torch.ones(1, 1, 64, 64)})
+    out = tmp_path / "out"
+    result = grow.expand(src, out, factor=2, verify=True)
+    assert result["verification"]["passed"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "wte.weight" in names and "h.0.attn.c_attn.weight" in names and "h.0.attn.bias" not in names
+
+
+def test_llama_with_saved_rotary_buffers(model_dir, tmp_path):
+    import torch
+
+    src = tmp_path / "llama"
+    shutil.copytree(model_dir("llama"), src)
+    _rewrite(src, lambda k: k, {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(2)})
+    assert grow.expand(src, tmp_path / "out", factor=2, verify=True)["verification"]["passed"]

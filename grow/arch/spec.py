@@ -71,13 +71,26 @@ class ArchSpec:
         }
         self.per_layer_keys: list[str] = data.get("per_layer", [])
         self.layer_count_keys: list[str] = data.get("layer_counts", [])
+        self.optional_prefix: str = data.get("optional_prefix", "")
         self.tensors = [self._tensor(t) for t in data["tensors"]]
         self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
+        self._data = data
 
     @staticmethod
     def _tensor(t: dict) -> TensorSpec:
         axes = tuple(tuple(str(a).split("|")) for a in t["axes"])
         return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]))
+
+    def for_names(self, names) -> "ArchSpec":
+        """This spec, with its optional prefix dropped when the checkpoint's names lack it, so that
+        output names follow the source's convention."""
+        p = self.optional_prefix
+        if not p or any(n.startswith(p) for n in names):
+            return self
+        data = dict(self._data, optional_prefix="")
+        data["tensors"] = [dict(t, name=t["name"].removeprefix(p)) for t in data["tensors"]]
+        data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
+        return ArchSpec(data, self.file)
 
     # ---- tensors -------------------------------------------------------------------------
     def match(self, name: str) -> tuple[TensorSpec, int | None] | None:
