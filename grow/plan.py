@@ -298,6 +298,8 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
 
         writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
                                   on_written)
+        if progress:
+            progress(0, plan.nbytes)
         try:
             for r in plan.recipes:
                 writer.submit(r.name, materialize(r, source.get))
