@@ -1,9 +1,10 @@
 """Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
 
-from . import hypercloning
+from . import hypercloning, lemon
 
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
+    "lemon": lemon.build,
 }
 SHRINK_METHODS: dict = {}
 UPCYCLE_METHODS: dict = {}
