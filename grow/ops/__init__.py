@@ -1,10 +1,11 @@
 """Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
 
-from . import hypercloning, lemon
+from . import hypercloning, lemon, stack
 
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
     "lemon": lemon.build,
+    "stack": stack.build,
 }
 SHRINK_METHODS: dict = {}
 UPCYCLE_METHODS: dict = {}
