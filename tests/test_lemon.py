@@ -1,6 +1,7 @@
 """LEMON is exact for any larger widths and depths: every architecture, tied and untied heads,
 widths that are and are not multiples, depth alone and with width; copies start unequal."""
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import grow
+from grow.arch.view import ModelView
 from grow.cli import app
 from grow.plan import AxisMap, TensorRecipe, materialize
 
@@ -104,3 +106,16 @@ def test_bad_sizes_are_refused(model_dir, tmp_path, kind, args, words):
     assert result.exit_code == 2, result.output
     assert words in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["lemon", "msg"])
+def test_post_ln_models_are_refused(model_dir, method):
+    from grow.checkpoint import Source
+    from grow.errors import UsageError
+    from grow.ops import EXPAND_METHODS
+
+    view = ModelView(Source(model_dir("gpt2")))
+    view.spec = copy.copy(view.spec)
+    view.spec.block = "post_norm"  # a spec describing a post-LN variant of the same layout
+    with pytest.raises(UsageError, match="pre-LN"):
+        EXPAND_METHODS[method](view, layers=3)
