@@ -150,11 +150,19 @@ def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
 def expand(
     src: str,
     dst: Annotated[Optional[str], typer.Argument()] = None,
-    method: Annotated[str, typer.Option(help="hypercloning")] = "hypercloning",
+    method: Annotated[str, typer.Option(
+        help="hypercloning (integer width factors, exact) | lemon (any width and depth, exact) | "
+             "stack (G_stack depth, not exact) | msg (any dimension, exact with its masks)")] = "hypercloning",
     factor: Annotated[Optional[float], typer.Option(help="Width factor (hypercloning; whole number >= 2).")] = None,
     ffn_factor: Annotated[Optional[float], typer.Option(help="FFN width factor (hypercloning; default --factor).")] = None,
     noise_snr_db: Annotated[Optional[float], typer.Option(help="Symmetry-breaking noise at this SNR in dB; exact forward.")] = None,
-    seed: SEED = 0,
+    hidden: Annotated[Optional[int], typer.Option(help="Target hidden size (lemon, msg).")] = None,
+    ffn: Annotated[Optional[int], typer.Option(help="Target FFN width (lemon, msg).")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Target query heads (lemon, msg); kv heads follow the group size.")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Target kv heads (lemon, msg).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Target depth (lemon, stack, msg).")] = None,
+    ramp_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps over which each MSG mask ramps 0 -> 1 (default 1000).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for everything random (noise, splits, new weights; default 0).")] = None,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
     dry_run: DRY = False,
@@ -167,7 +175,8 @@ def expand(
 ):
     """Write a larger model that starts from what SRC knows."""
     _run_operation(api.expand, src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor,
-                   noise_snr_db=noise_snr_db, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
+                   noise_snr_db=noise_snr_db, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
+                   ramp_steps=ramp_steps, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                    verify=verify, force=force, tol=tol)
 
 

@@ -24,11 +24,14 @@ class AxisMap:
     """How one output axis is made from the source axis: gather, then scale.
 
     index[j] is the source position that target position j copies, or -1 for a new position
-    (filled from the recipe's init); scale[j] multiplies target position j (fan-in weights)."""
+    (filled from the recipe's init); scale[j] multiplies target position j (fan-in weights).
+    mix = (positions, weights [m, source]) makes those target positions weighted sums of the
+    source positions instead (e.g. the mean of a residual vector); they are not new."""
 
     index: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     label: str = ""  # short human description for --dry-run
+    mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,20 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if m is None:
             continue
         if m.index is not None:
-            t = gather(t, axis, m.index.clamp(min=0))
+            prior = t
+            t = gather(prior, axis, m.index.clamp(min=0))
             loaded = False
-            if (m.index < 0).any():
-                fresh_axes.append((axis, m.index < 0))
+            fresh = m.index < 0
+            if m.mix is not None:  # positions that are weighted sums of source positions (float32)
+                at, weights = m.mix
+                prior, t = prior.float(), t.float()
+                mixed = torch.tensordot(prior.movedim(axis, -1), weights.to(torch.float32).T, dims=1)
+                t.index_copy_(axis, at, mixed.movedim(-1, axis))
+                fresh = fresh.clone()
+                fresh[at] = False
+            del prior
+            if fresh.any():
+                fresh_axes.append((axis, fresh))
         if m.scale is not None:
             scales.append((axis, m.scale.to(torch.float32)))
     if tuple(t.shape) != tuple(r.shape):

@@ -11,6 +11,7 @@ import torch
 from .arch.spec import spec_for
 from .checkpoint import Source
 from .plan import RECIPE_FILE
+from .runtime import MASKS_FILE, load_masks
 
 DEFAULT_TOL = 1e-4
 
@@ -94,6 +95,8 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
 
     ref_model = load_model(source.path, framework)
     tgt_model = load_model(target.path, framework)
+    if (target.path / MASKS_FILE).is_file():
+        load_masks(target.path).attach(tgt_model)  # MSG: the grown model at alpha = 0 is the source
     if framework == "timm":
         inputs = sample_inputs(source.config, framework, seed)
     else:

@@ -72,6 +72,8 @@ class ArchSpec:
         self.per_layer_keys: list[str] = data.get("per_layer", [])
         self.layer_count_keys: list[str] = data.get("layer_counts", [])
         self.optional_prefix: str = data.get("optional_prefix", "")
+        # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
+        self.size_checks: dict[str, list[str]] = data.get("size_checks", {})
         self.tensors = [self._tensor(t) for t in data["tensors"]]
         self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
         self._data = data
@@ -144,6 +146,11 @@ class ArchSpec:
     def axis_size(self, spaces: tuple[str, ...], sizes: dict[str, int]) -> int | None:
         parts = [self.space_size(s, sizes) for s in spaces]
         return None if None in parts else sum(parts)
+
+    def failed_checks(self, architecture: str, sizes: dict[str, int]) -> list[str]:
+        """The conditions in size_checks that these sizes break (the framework would refuse the config)."""
+        return [cond for pat, conds in self.size_checks.items() if fnmatch.fnmatchcase(architecture, pat)
+                for cond in conds if not eval(cond, {"__builtins__": {}}, dict(sizes))]  # spec data, not user input
 
     def tied(self, config: dict) -> bool:
         if self.tie_key is None:

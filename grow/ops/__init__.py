@@ -1,9 +1,12 @@
 """Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
 
-from . import hypercloning
+from . import hypercloning, lemon, msg, stack
 
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
+    "lemon": lemon.build,
+    "stack": stack.build,
+    "msg": msg.build,
 }
 SHRINK_METHODS: dict = {}
 UPCYCLE_METHODS: dict = {}

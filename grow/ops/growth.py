@@ -1,0 +1,132 @@
+"""What the growth operators share: target sizes from the options, head maps that keep the kv groups,
+unequal fan-in splits, depth maps, and the per-layer config entries of a new depth."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch.spec import ArchSpec, get_path, set_path
+from ..arch.view import ModelView
+from ..errors import UsageError
+
+OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
+
+
+def _whole(value, option: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise UsageError(f"{option} must be a whole number of at least 1, not {value!r}.")
+    return int(value)
+
+
+def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:
+    """The source sizes with the given ones grown; heads keep the query heads per kv head, and where the
+    architecture has hidden = heads x head_dim, the one left out follows the other."""
+    s = view.sizes
+    given = {k: _whole(v, OPTIONS[k]) for k, v in given.items() if v is not None}
+    for k, v in given.items():
+        if v < s[k]:
+            raise UsageError(f"{OPTIONS[k]} {v} is smaller than the source's {s[k]}; --method {method} only grows "
+                             "(use grow shrink to make a model smaller).")
+    if all(given.get(k, s[k]) == s[k] for k in OPTIONS):
+        raise UsageError(f"--method {method} needs at least one size larger than the source's: " + ", ".join(
+            f"{OPTIONS[k]} (now {s[k]})" for k in OPTIONS) + ".")
+    t = dict(s)
+    t.update(given)
+    group = s["heads"] // s["kv_heads"]
+    head_dim = s["head_dim"]
+    tied_hidden = view.spec.sizes["head_dim"].key is None  # hidden is always heads x head_dim
+    if tied_hidden and "hidden" in given and "heads" not in given and "kv_heads" not in given:
+        step = head_dim * group
+        if given["hidden"] % step:
+            lo, hi = given["hidden"] // step * step, -(-given["hidden"] // step) * step
+            what = f"head_dim ({head_dim})" if group == 1 else f"head_dim x query heads per kv head ({step})"
+            fits = f"--hidden {lo} or {hi}" if lo > s["hidden"] else f"--hidden {hi}"
+            raise UsageError(f"--hidden {given['hidden']} is not a multiple of {what}: a {view.spec.family} model has "
+                             f"hidden = heads x head_dim; use e.g. {fits}.")
+        given["heads"] = t["heads"] = given["hidden"] // head_dim
+    if "heads" in given and "kv_heads" not in given:
+        if given["heads"] % group:
+            raise UsageError(
+                f"--heads {given['heads']} cannot keep the source's {group} query heads per kv head; "
+                f"use a multiple of {group}, e.g. --heads {-(-given['heads'] // group) * group}.")
+        t["kv_heads"] = given["heads"] // group
+    elif "kv_heads" in given and "heads" not in given:
+        t["heads"] = given["kv_heads"] * group
+    elif t["heads"] != t["kv_heads"] * group:
+        raise UsageError(
+            f"--heads {t['heads']} with --kv-heads {t['kv_heads']} changes the query heads per kv head from {group}; "
+            f"keep {group}, e.g. --heads {t['kv_heads'] * group} --kv-heads {t['kv_heads']}.")
+    if tied_hidden:
+        if "hidden" not in given:
+            t["hidden"] = t["heads"] * head_dim
+        elif t["hidden"] != t["heads"] * head_dim:
+            raise UsageError(
+                f"--hidden {t['hidden']} with --heads {t['heads']} does not fit a {view.spec.family} model, where "
+                f"hidden = heads x head_dim ({head_dim}); use e.g. --hidden {t['heads'] * head_dim} "
+                f"--heads {t['heads']}.")
+    failed = view.spec.failed_checks(view.architecture, t)
+    if failed:
+        sizes = ", ".join(f"{k}={t[k]}" for k in OPTIONS)
+        raise UsageError(f"{view.architecture} requires {' and '.join(failed)}, which {sizes} break; "
+                         f"e.g. --hidden {-(-t['hidden'] // t['heads']) * t['heads']} fits --heads {t['heads']}.")
+    return t
+
+
+def grouped_heads(heads: int, kv_heads: int, new_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Circular copies of kv heads, and of query heads group by group, so that target query head j
+    (which reads kv head j // group) copies a query head of the kv head that its kv head copies."""
+    group = heads // kv_heads
+    kv_src = torch.arange(new_kv_heads) % kv_heads
+    head_src = kv_src.repeat_interleave(group) * group + torch.arange(group).repeat(new_kv_heads)
+    return head_src, kv_src
+
+
+def appended(n: int, new_n: int) -> torch.Tensor:
+    """Source positions kept in place, new positions (-1) after them."""
+    return torch.cat([torch.arange(n), torch.full((new_n - n,), -1)])
+
+
+def unequal_split(src: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fan-in weights for copies: the copies of one source position get unequal positive weights that
+    sum to 1, so that copies differ from the start; new positions (-1) get 1."""
+    u = 0.5 + torch.rand(src.shape, generator=gen, dtype=torch.float64)
+    copied = src >= 0
+    totals = torch.zeros(int(src.max()) + 1, dtype=torch.float64).index_add_(0, src[copied], u[copied])
+    counts = torch.bincount(src[copied], minlength=totals.numel())
+    w = torch.ones_like(u)
+    w[copied] = torch.where(counts[src[copied]] > 1, u[copied] / totals[src[copied]], torch.ones(()).double())
+    return w.float()
+
+
+def spread_layers(layers: int, new_layers: int) -> list[tuple[int, bool]]:
+    """Target layers as (source layer, is new): new layers spread evenly among the source layers, each
+    placed after (and derived from) the source layer before it."""
+    extra = new_layers - layers
+    out = []
+    for i in range(layers):
+        out.append((i, False))
+        out += [(i, True)] * ((i + 1) * extra // layers - i * extra // layers)
+    return out
+
+
+def depth_config(view: ModelView, config: dict, layer_src: list[int]) -> dict:
+    """Rebuild the config entries that hold one value per layer, and the ones that count layers, for a
+    model whose layer i derives from source layer layer_src[i]."""
+    spec = view.spec
+    for key in spec.per_layer_keys:
+        values = get_path(config, key)
+        if isinstance(values, list):
+            set_path(config, key, [values[j] for j in layer_src])
+    for key in spec.layer_count_keys:
+        count = get_path(config, key)
+        if isinstance(count, int) and not isinstance(count, bool):
+            layers = view.sizes["layers"]
+            # a count covering every source layer keeps covering every layer; otherwise count the layers below it
+            set_path(config, key, max(count, len(layer_src)) if count >= layers else sum(j < count for j in layer_src))
+    return config
+
+
+def layer_module(spec: ArchSpec, layer: int) -> str:
+    """The module path of one block, e.g. model.layers.3 (the per-layer tensor names up to the index)."""
+    pattern = next(t.pattern for t in spec.tensors if t.per_layer)
+    return pattern[: pattern.index("{i}")] + str(layer)

@@ -1,0 +1,117 @@
+"""LEMON: grow width to any size and depth to any count, so that the grown model computes exactly what
+the source did.
+
+The residual vector becomes k copies of x plus r extra entries (D = k d + r): zeros under RMSNorm,
+mean(x) under LayerNorm, all times sqrt(D / k d) so that its mean square, and thus the weight of eps,
+stays as it was; the normalized vector is [y, ..., y, 0] once the norm weights carry sqrt(k d / D). Readers of a copied space split each source column into unequal
+pieces (the copies differ from the start); columns reading the extra entries are free. New layers are
+copies whose residual writers are zero, so each new block starts as the identity."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..arch.view import Entry, ModelView
+from ..errors import UsageError
+from ..plan import Init, Plan
+from .base import mapped_recipe, target_config, tensor_seed
+from .growth import depth_config, grouped_heads, spread_layers, target_sizes, unequal_split
+from .maps import WidthMap, per_head
+
+NORM_ROLES = ("norm", "final_norm", "qk_norm")
+FREE_STD = 0.02  # columns that read the always-zero extra residual entries: any value is exact
+
+
+def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, seed: int = 0,
+          dtype: str | None = None) -> Plan:
+    if view.spec.block != "pre_norm":
+        raise UsageError(f"--method lemon needs a pre-LN model; {view.architecture} is {view.spec.block}, where "
+                         "new units and layers cannot start without changing the function.")
+    s = view.sizes
+    t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
+    d, D = s["hidden"], t["hidden"]
+    copies, extra = divmod(D, d)
+    share = copies * d / D  # fraction of the residual entries that hold copies of x
+
+    sources = {}  # space -> source position of each target position (-1: new)
+    if D != d:
+        sources["hidden"] = torch.cat([torch.arange(d).repeat(copies), torch.full((extra,), -1)])
+    if t["ffn"] != s["ffn"]:
+        sources["ffn"] = torch.arange(t["ffn"]) % s["ffn"]
+    if t["heads"] != s["heads"]:
+        head_src, kv_src = grouped_heads(s["heads"], s["kv_heads"], t["kv_heads"])
+        sources["q"], sources["kv"] = head_src, kv_src
+
+    def maps_for(name: str) -> dict[str, WidthMap]:
+        # every tensor splits its fan-in differently, so no two copies see the same weights
+        gen = torch.Generator().manual_seed(tensor_seed(seed, name))
+        maps = {}
+        for space, src in sources.items():
+            fan_in = unequal_split(src, gen) if space != "kv" else torch.ones(src.numel())
+            if space in ("q", "kv"):
+                maps[space] = per_head(WidthMap(src, fan_in, f"{len(src)} heads, circular copies"), s["head_dim"])
+            else:
+                label = f"{copies} copies + {extra} new" if space == "hidden" else "circular copies"
+                maps[space] = WidthMap(src, fan_in, label)
+        return maps
+
+    layer_plan = spread_layers(s["layers"], t["layers"])
+    recipes = []
+    for e in view.globals():
+        if e.spec.role == "head" and view.tied:
+            continue  # the tie is kept; the 1/k it needs lives in the final norm
+        recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, new_layer=False))
+    for i, (j, new) in enumerate(layer_plan):
+        for e in view.layer(j):
+            name = e.spec.name(i)
+            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, new_layer=new))
+
+    config = depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan])
+    notes = []
+    if t["layers"] != s["layers"]:
+        notes.append(f"{t['layers'] - s['layers']} new layers (copies with zero residual writers) among the "
+                     f"{s['layers']} source layers: target layer i comes from source layer "
+                     f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new).")
+    return Plan(
+        operation="expand", method="lemon", exact=True, architecture=view.architecture, config=config,
+        recipes=recipes, source_sizes=s, target_sizes=t, notes=notes,
+        options={"hidden": D, "ffn": t["ffn"], "heads": t["heads"], "kv_heads": t["kv_heads"],
+                 "layers": t["layers"], "seed": seed, "dtype": dtype},
+    )
+
+
+def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: float, extra: int, seed: int,
+            dtype, *, new_layer: bool):
+    role = e.spec.role
+    is_bias = e.name.endswith("bias")
+    if role in NORM_ROLES:
+        init = Init("zeros" if is_bias else "ones")
+    else:
+        init = Init("zeros") if e.spec.writes_residual else Init("normal", FREE_STD)
+    scale, notes = 1.0, []
+    if e.spec.writes_residual and share != 1.0:
+        scale = 1 / math.sqrt(share)
+        notes.append("x sqrt(D/kd): residual keeps its mean square")
+    if role in ("norm", "final_norm") and not is_bias and share != 1.0:
+        scale = math.sqrt(share)
+        notes.append("x sqrt(kd/D): same normalized copies")
+    if role == "final_norm" and view.tied and (copies > 1 or share != 1.0):
+        scale *= math.sqrt(share) / copies
+        notes.append("1/k of the tied head (and its sqrt(D/kd)) folded in")
+    if new_layer and e.spec.writes_residual:
+        scale, notes = 0.0, ["new layer: writes nothing to the residual"]
+    note = "; ".join(notes)
+    r = mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, init=init, note=note)
+    if extra and view.spec.norm == "layer" and e.spec.writes_residual:
+        # average expansion: the extra residual entries hold mean(x), which LayerNorm centres to zero
+        d = view.sizes["hidden"]
+        mix = (torch.arange(copies * d, copies * d + extra), torch.full((extra, d), 1.0 / d))
+        r.axes = tuple(
+            dataclasses.replace(a, mix=mix, label=a.label + ", mean in the new")
+            if a is not None and e.spec.axes[k] == ("hidden",) and k != e.spec.reads else a
+            for k, a in enumerate(r.axes)
+        )
+    return r

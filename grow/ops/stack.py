@@ -1,0 +1,37 @@
+"""G_stack: grow depth by stacking the whole model, target layer i a copy of source layer i mod L.
+
+Embeddings, final norm and head stay as they are. Not function-preserving by design: grow verify
+reports how far the stacked model is from the source."""
+
+from __future__ import annotations
+
+from ..arch.view import ModelView
+from ..errors import UsageError
+from ..plan import Plan
+from .base import mapped_recipe, target_config
+from .growth import depth_config
+
+
+def build(view: ModelView, *, layers=None, dtype: str | None = None) -> Plan:
+    s = view.sizes
+    if layers is None:
+        raise UsageError("--method stack needs --layers, the new depth (larger than the source's "
+                         f"{s['layers']}).")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers <= s["layers"]:
+        raise UsageError(f"--layers {layers} must be a whole number larger than the source's {s['layers']} "
+                         "for --method stack.")
+    t = dict(s, layers=layers)
+    layer_src = [i % s["layers"] for i in range(layers)]
+    recipes = [mapped_recipe(view, e, {}, dtype=dtype) for e in view.globals()
+               if not (e.spec.role == "head" and view.tied)]  # a tied head is the embedding, stored once
+    for i, j in enumerate(layer_src):
+        recipes += [mapped_recipe(view, e, {}, name=e.spec.name(i), dtype=dtype,
+                                  note=f"copy of layer {j}" if i != j else "") for e in view.layer(j)]
+    growth = layers / s["layers"]
+    return Plan(
+        operation="expand", method="stack", exact=False, architecture=view.architecture,
+        config=depth_config(view, target_config(view, t, dtype), layer_src), recipes=recipes,
+        source_sizes=s, target_sizes=t, options={"layers": layers, "dtype": dtype},
+        notes=[f"G_stack: layer i copies source layer i mod {s['layers']} (growth factor {growth:.3g}); "
+               "not function-preserving by design, grow verify reports the divergence."],
+    )
