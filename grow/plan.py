@@ -194,7 +194,7 @@ def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, nois
             view = [1] * block.dim()
             view[axis] = -1
             mask |= (fresh[row0:row0 + n] if axis == 0 else fresh).view(view)
-        block = torch.where(mask, r.init.sample(block.shape, gen), block)
+        block.masked_scatter_(mask, r.init.sample((int(mask.sum()),), gen))  # draw only what is new
     if r.noise is not None:
         std = noise_std if noise_std is not None else _std_for_snr(block.pow(2).mean().item(), r.noise.snr_db)
         block.add_(zero_sum_noise(block.shape, r.noise, std, gen))
