@@ -158,6 +158,7 @@ class Plan:
     options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra_files: dict[str, dict] = field(default_factory=dict)  # JSON files written beside the weights
+    stats: dict = field(default_factory=dict)  # operator-specific figures for --dry-run and grow.json
 
     @property
     def num_parameters(self) -> int:
@@ -178,6 +179,7 @@ class Plan:
             "architecture": self.architecture,
             "source": {"id": source.id, "sizes": self.source_sizes},
             "target": {"sizes": self.target_sizes, "parameters": self.num_parameters},
+            **({"stats": self.stats} if self.stats else {}),
         }
 
     def summary(self) -> dict:
@@ -191,6 +193,7 @@ class Plan:
             "parameters": self.num_parameters,
             "bytes": self.nbytes,
             "notes": self.notes,
+            **({"stats": self.stats} if self.stats else {}),
             "tensors": [
                 {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "recipe": r.describe()} for r in self.recipes
             ],
