@@ -225,5 +225,5 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
         notes=notes,
         stats={"format": fmt.name, "experts": E, "top_k": k, "granularity": G, "expert_ffn": width,
                "shared_expert_ffn": width if shared_expert else 0, "moe_layers": sparse,
-               "total_parameters": total, "active_parameters_per_token": active},
+               "active_parameters_per_token": active},
     )
