@@ -136,13 +136,15 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
     by_pattern: dict[tuple[str, int | None], Entry] = {(e.spec.pattern, e.layer): e for e in view.entries}
     dense_parts = {pattern: part for part, pattern in fmt.dense.items()}
 
-    def shard(index: int) -> WidthMap:
+    def shard(index: int) -> WidthMap | None:
+        if width == f:
+            return None  # a plain copy needs no gather
         start = index * width
         return select(f, torch.arange(start, start + width), label=f"FFN units {start}..{start + width - 1}")
 
-    def part_recipe(entry: Entry, name: str, part: str, units: WidthMap, down_scale: float, note: str,
+    def part_recipe(entry: Entry, name: str, part: str, units: WidthMap | None, down_scale: float, note: str,
                     noise: bool) -> TensorRecipe:
-        r = mapped_recipe(view, entry, {"ffn": units}, name=name, dtype=dtype, seed=seed, fan_in=False,
+        r = mapped_recipe(view, entry, {"ffn": units} if units else {}, name=name, dtype=dtype, seed=seed, fan_in=False,
                           scale=down_scale if part == "down" else 1.0, note=note)
         if noise:
             # one group over the fan-in axis: independent noise per row at the asked relative size
