@@ -100,24 +100,25 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
     gen = torch.Generator().manual_seed(r.seed)
     if r.sources:
         parts = [load(s) for s in r.sources]
-        t = parts[0].to(torch.float32, copy=True) if len(parts) == 1 else torch.cat([p.float() for p in parts], r.concat_axis)
+        t = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts], r.concat_axis)
+        loaded = parts[0] if len(parts) == 1 else None  # the loader's tensor: never modified in place
         del parts
     else:
-        t = r.init.sample(r.base_shape or r.shape, gen)
+        t, loaded = r.init.sample(r.base_shape or r.shape, gen), None
     new = None
+    # gathers first, in the source dtype: the float32 copy is then only as large as the output
     for axis, m in enumerate(r.axes):
-        if m is None:
+        if m is None or m.index is None:
             continue
-        view = [1] * t.dim()
-        view[axis] = -1
-        if m.index is not None:
-            t = t.index_select(axis, m.index.clamp(min=0))
-            fresh = m.index < 0
-            if fresh.any():
-                fresh = fresh.view(view)
-                new = fresh if new is None else new | fresh
-        if m.scale is not None:
-            t.mul_(m.scale.to(torch.float32).view(view))
+        t = t.index_select(axis, m.index.clamp(min=0))
+        fresh = m.index < 0
+        if fresh.any():
+            fresh = fresh.view([-1 if k == axis else 1 for k in range(t.dim())])
+            new = fresh if new is None else new | fresh
+    t = t.to(torch.float32, copy=t is loaded)
+    for axis, m in enumerate(r.axes):
+        if m is not None and m.scale is not None:
+            t.mul_(m.scale.to(torch.float32).view([-1 if k == axis else 1 for k in range(t.dim())]))
     if r.scale != 1.0:
         t.mul_(r.scale)
     if new is not None:
