@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 import grow
+from grow.checkpoint import Source
 from grow.cli import app
 from grow.verify import load_model
 
@@ -34,8 +34,8 @@ PART_NAMES = {"mixtral": ("w1", "w3", "w2")}
 
 
 def _tensors(folder):
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+    source = Source(folder)
+    return {name: source.get(name) for name in source.tensors}
 
 
 @pytest.mark.parametrize("kind,tied,fmt,E,k,G,shared,layers", EXACT)
@@ -43,8 +43,9 @@ def test_upcycle_is_exact_and_loads(model_dir, tmp_path, kind, tied, fmt, E, k, 
     src, dst = model_dir(kind, tied), tmp_path / "moe"
     if kind == "mistral" and fmt == "qwen2_moe":  # Qwen2-MoE cannot window every layer: use a copy without one
         src = _without_sliding_window(src, tmp_path / "mistral_nowindow")
+    shards = "60KB" if tied else "5GB"  # tied cases also check that sharded per-expert tensors load
     result = grow.upcycle(src, dst, experts=E, top_k=k, granularity=G, shared_expert=shared, format=fmt,
-                          moe_layers=layers, verify=True)
+                          moe_layers=layers, shard_size=shards, verify=True)
     report = result["verification"]
     assert report["exact_expected"] is True and report["passed"], report
     assert report["rel_error"] <= 1e-4 and report["top1_agreement"] == 1.0
@@ -68,6 +69,7 @@ def test_upcycle_is_exact_and_loads(model_dir, tmp_path, kind, tied, fmt, E, k, 
     assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     written, dense = _tensors(dst), _tensors(src)
     assert ("lm_head.weight" in written) is not tied
+    assert (dst / "model.safetensors.index.json").is_file() is tied
     width = cfg["intermediate_size" if out_fmt == "mixtral" else "moe_intermediate_size"]
     gate_name, _, down_name = PART_NAMES.get(out_fmt, ("gate_proj", "up_proj", "down_proj"))
     i, e = sparse[-1], E - 1
