@@ -175,3 +175,17 @@ def test_source_biases_the_format_cannot_hold_are_refused(tmp_path):
                                        "--format", fmt, "--dry-run"])
         assert res.exit_code == 2, res.output
         assert "has no place for tensor model.layers.0.self_attn." in " ".join(res.output.split())
+
+
+def test_bf16_exact_for_powers_of_two_and_flagged_otherwise(tmp_path):
+    from tiny_models import save_language_model
+
+    src = save_language_model("qwen2", tmp_path / "bf16", dtype=torch.bfloat16)
+    report = grow.upcycle(src, tmp_path / "g2", experts=4, top_k=2, granularity=2, verify=True)["verification"]
+    assert report["exact_expected"] is True and report["passed"] and report["rel_error"] <= 1e-4
+    assert json.loads((tmp_path / "g2" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    plan = grow.upcycle(src, experts=6, top_k=3, granularity=3, dry_run=True)["plan"]
+    assert plan["exact"] is False and any("round in 16 bits" in n for n in plan["notes"])
+    report = grow.upcycle(src, tmp_path / "g3", experts=6, top_k=3, granularity=3, dtype="float32",
+                          verify=True)["verification"]
+    assert report["exact_expected"] is True and report["passed"] and report["rel_error"] <= 1e-4
