@@ -123,6 +123,11 @@ def test_zero_router_plain_copies_are_exact(model_dir, tmp_path):
     report = grow.upcycle(model_dir("qwen2", True), tmp_path / "moe", experts=4, top_k=1, router="zero",
                           verify=True)["verification"]
     assert report["exact_expected"] is True and report["passed"] and report["rel_error"] <= 1e-4
+    # grow does not read MoE checkpoints: other operators refuse them instead of misreading them
+    for args in (["expand", str(tmp_path / "moe"), str(tmp_path / "wide"), "--factor", "2"],
+                 ["upcycle", str(tmp_path / "moe"), str(tmp_path / "again"), "--experts", "2", "--top-k", "1"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 1 and "Qwen2MoeForCausalLM, which grow does not support" in " ".join(res.output.split())
 
 
 def test_dry_run_shows_experts_and_parameters(model_dir):

@@ -20,7 +20,7 @@ class MoeFormat:
     sources: tuple[str, ...]
     default_for: tuple[str, ...]
     keys: dict  # experts, top_k, expert_ffn[, shared_ffn] -> config key
-    renormalize: str | dict  # "always", "never" or {"key": config key}
+    renormalize: str | dict  # "always", or {"key": K}: a boolean config key grow sets
     dense_layers: dict | None  # {"list": key, "step": key}; None: every layer is sparse
     dense: dict  # part (gate, up, down) -> source tensor pattern
     router: str

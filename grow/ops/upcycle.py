@@ -118,7 +118,7 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
         raise UsageError(f"--expert-noise must be zero or positive, not {expert_noise}.")
     if not renormalize and fmt.renormalize == "always":
         raise UsageError(f"--no-renormalize does not apply to --format {fmt.name}, whose router always renormalises.")
-    renorm = renormalize and fmt.renormalize != "never"
+    renorm = bool(renormalize)
     _check_source(view, fmt)
 
     s = view.sizes
