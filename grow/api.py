@@ -46,7 +46,11 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
     shard_bytes = parse_size(shard_size)
     source = Source(src)
-    plan = _build(methods[method], ModelView(source), method, options)
+    view = ModelView(source)
+    if view.spec.operations is not None and operation not in view.spec.operations:
+        raise UsageError(f"grow can only {' or '.join(view.spec.operations)} a {view.architecture} checkpoint; "
+                         f"it cannot {operation} one.")
+    plan = _build(methods[method], view, method, options)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
     if dry_run:
         return result

@@ -61,6 +61,9 @@ def test_upcycle_is_exact_and_loads(model_dir, tmp_path, kind, tied, fmt, E, k, 
     if out_fmt != "mixtral":
         assert cfg["norm_topk_prob"] is True
     sparse = recipe["stats"]["moe_layers"]
+    info = grow.inspect(dst)  # grow reads its own output back, every tensor checked against the config
+    assert info["architecture"] == result["plan"]["architecture"] and info["parameters"] == result["target_parameters"]
+    assert info["num_local_experts" if out_fmt == "mixtral" else "num_experts"] == E
 
     # transformers loads every per-expert tensor grow wrote: nothing missing, nothing left over
     import transformers
@@ -123,11 +126,12 @@ def test_zero_router_plain_copies_are_exact(model_dir, tmp_path):
     report = grow.upcycle(model_dir("qwen2", True), tmp_path / "moe", experts=4, top_k=1, router="zero",
                           verify=True)["verification"]
     assert report["exact_expected"] is True and report["passed"] and report["rel_error"] <= 1e-4
-    # grow does not read MoE checkpoints: other operators refuse them instead of misreading them
+    # grow inspects MoE checkpoints, and its operators refuse them instead of misreading them
     for args in (["expand", str(tmp_path / "moe"), str(tmp_path / "wide"), "--factor", "2"],
                  ["upcycle", str(tmp_path / "moe"), str(tmp_path / "again"), "--experts", "2", "--top-k", "1"]):
         res = CliRunner().invoke(app, args)
-        assert res.exit_code == 1 and "Qwen2MoeForCausalLM, which grow does not support" in " ".join(res.output.split())
+        assert res.exit_code == 2, res.output
+        assert "can only inspect a Qwen2MoeForCausalLM checkpoint; it cannot" in " ".join(res.output.split())
 
 
 def test_dry_run_shows_experts_and_parameters(model_dir):

@@ -1,20 +1,16 @@
-"""MoE output formats: tensor names, config keys and routing facts of each, read from specs/moe/*.yaml."""
+"""MoE output formats: the `moe_format` section of an architecture's spec file (names, config keys, routing)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
 
-import yaml
-
-from .spec import SPEC_DIR
-
-MOE_DIR = SPEC_DIR / "moe"
+from .spec import all_specs
 
 
 @dataclass(frozen=True)
 class MoeFormat:
-    name: str
+    name: str  # the spec's family
     architecture: str
     model_type: str
     sources: tuple[str, ...]
@@ -39,10 +35,12 @@ class MoeFormat:
 @cache
 def moe_formats() -> dict[str, MoeFormat]:
     out = {}
-    for path in sorted(MOE_DIR.glob("*.yaml")):
-        d = yaml.safe_load(path.read_text())
-        out[d["format"]] = MoeFormat(
-            name=d["format"], architecture=d["architecture"], model_type=d["model_type"],
+    for spec in all_specs():
+        d = spec.data.get("moe_format")
+        if d is None:
+            continue
+        out[spec.family] = MoeFormat(
+            name=spec.family, architecture=spec.architectures[0], model_type=d["model_type"],
             sources=tuple(d["sources"]), default_for=tuple(d.get("default_for", ())), keys=d["keys"],
             renormalize=d["renormalize"], dense_layers=d.get("dense_layers"), dense=d["dense"], router=d["router"],
             expert=d["expert"], shared=d.get("shared"), forbidden=tuple(d.get("forbidden", ())),

@@ -73,6 +73,9 @@ class ArchSpec:
         self.layer_count_keys: list[str] = data.get("layer_counts", [])
         self.tensors = [self._tensor(t) for t in data["tensors"]]
         self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
+        # the operations grow can apply to a source of this family; None: all of them
+        self.operations: list[str] | None = data.get("operations")
+        self.data = data  # sections that other modules read (e.g. moe_format)
 
     @staticmethod
     def _tensor(t: dict) -> TensorSpec:
@@ -173,7 +176,8 @@ class ArchSpec:
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
-    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
+    # "{i}" is the layer (captured); "{e}" an expert index within it
+    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"\d+"))
 
 
 def _expr(value) -> str | None:

@@ -6,7 +6,8 @@ and each group of G consecutive experts shares one router row, so a top-k that i
 picks whole groups. With a shared expert the units are split into G + 1 slices: the shared expert
 holds the first (gate weight 0, so sigmoid 1/2, and down projection times 2), the routed shards the
 rest. When the router renormalises its top-k weights the layer output equals the dense FFN for any
-router. The format facts (names, config keys, routing) live in arch/specs/moe/*.yaml."""
+router. The format facts (names, config keys, routing) live in the moe_format section of
+arch/specs/{mixtral,qwen2_moe,qwen3_moe}.yaml."""
 
 from __future__ import annotations
 
