@@ -198,3 +198,23 @@ def test_bf16_exact_for_powers_of_two_and_flagged_otherwise(tmp_path):
     report = grow.upcycle(src, tmp_path / "g3", experts=6, top_k=3, granularity=3, dtype="float32",
                           verify=True)["verification"]
     assert report["exact_expected"] is True and report["passed"] and report["rel_error"] <= 1e-4
+
+
+def test_inspect_reads_moe_checkpoints_that_transformers_saves(tmp_path):
+    import transformers as tf
+
+    common = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                  num_experts_per_tok=1)
+    configs = {
+        "mixtral": tf.MixtralConfig(intermediate_size=8, num_local_experts=3, **common),
+        "qwen2_moe": tf.Qwen2MoeConfig(intermediate_size=24, moe_intermediate_size=8, shared_expert_intermediate_size=12,
+                                       num_experts=3, mlp_only_layers=[0], **common),
+        "qwen3_moe": tf.Qwen3MoeConfig(intermediate_size=24, moe_intermediate_size=8, num_experts=3, head_dim=8,
+                                       decoder_sparse_step=2, **common),
+    }
+    for family, cfg in configs.items():
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(tmp_path / family)
+        info = grow.inspect(tmp_path / family)
+        assert info["family"] == family and info["parameters"] == sum(p.numel() for p in model.parameters())
+        assert info["num_local_experts" if family == "mixtral" else "num_experts"] == 3

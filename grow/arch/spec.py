@@ -51,6 +51,7 @@ class SizeKey:
     default: str | None = None  # expression over other sizes, used when the key is absent or null
     ratio_of: str | None = None  # the config stores size / sizes[ratio_of]
     mirror: tuple[str, ...] = ()  # other config paths that hold the same value
+    aliases: tuple[str, ...] = ()  # other config paths read when `key` is absent (names that changed over versions)
 
 
 class ArchSpec:
@@ -66,7 +67,8 @@ class ArchSpec:
         self.tie_key: str | None = tie["key"] if tie else None
         self.tie_default: bool = bool(tie and tie["default"])
         self.sizes: dict[str, SizeKey] = {
-            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())))
+            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())),
+                       tuple(v.get("aliases", ())))
             for k, v in data["sizes"].items()
         }
         self.per_layer_keys: list[str] = data.get("per_layer", [])
@@ -103,6 +105,8 @@ class ArchSpec:
         for _ in range(len(pending) + 1):
             for name, sk in list(pending.items()):
                 value = get_path(config, sk.key) if sk.key else None
+                for alias in sk.aliases:
+                    value = get_path(config, alias) if value is None else value
                 if value is not None and sk.ratio_of:
                     if sk.ratio_of not in sizes:
                         continue
