@@ -248,6 +248,9 @@ def _hash_sources(source: Source) -> dict[str, str]:
     return {str(p.relative_to(source.path)): sha256_file(p) for p in paths}
 
 
+PAST_TENSE = {"expand": "expanded", "shrink": "shrunk", "upcycle": "upcycled"}
+
+
 def _model_card(plan: Plan, source: Source) -> str:
     rows = "\n".join(
         f"| {k} | {plan.source_sizes.get(k, '')} | {v} |" for k, v in plan.target_sizes.items()
@@ -255,7 +258,7 @@ def _model_card(plan: Plan, source: Source) -> str:
     exact = "function-preserving (check it with `grow verify`)" if plan.exact else "not function-preserving by design"
     notes = "".join(f"- {n}\n" for n in plan.notes)
     return (
-        f"# {plan.architecture}, {plan.operation}ed with grow\n\n"
+        f"# {plan.architecture}, {PAST_TENSE.get(plan.operation, plan.operation + 'ed')} with grow\n\n"
         f"Made from `{source.id}` by `grow {plan.operation} --method {plan.method}` (grow {__version__}); "
         f"the result is {exact}. `grow.json` holds the full recipe and the source file hashes.\n\n"
         f"| size | source | target |\n|---|---|---|\n{rows}\n\n{notes}"

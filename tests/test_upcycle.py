@@ -51,6 +51,7 @@ def test_upcycle_is_exact_and_loads(model_dir, tmp_path, kind, tied, fmt, E, k, 
     assert report["rel_error"] <= 1e-4 and report["top1_agreement"] == 1.0
 
     recipe = json.loads((dst / "grow.json").read_text())
+    assert (dst / "README.md").read_text().startswith(f"# {result['plan']['architecture']}, upcycled with grow")
     out_fmt = recipe["stats"]["format"]
     assert recipe["operation"] == "upcycle" and recipe["exact"] is True
     assert recipe["options"]["experts"] == E and recipe["options"]["granularity"] == G
