@@ -20,6 +20,7 @@ EXACT = [
     ("llama_mqa", False, None, 4, 4, 4, False, "all"),
     ("qwen2", False, None, 4, 2, 1, True, "all"),
     ("qwen2", False, None, 6, 2, 2, False, "1"),
+    ("qwen2", True, None, 4, 2, 2, True, "all"),
     ("qwen3", True, None, 8, 4, 4, False, "all"),
     ("qwen3", False, None, 4, 2, 2, False, "every-2"),
     ("llama", True, "qwen2_moe", 4, 2, 1, True, "0"),
