@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 import grow
 from grow.checkpoint import Source
 from grow.cli import app
-from grow.verify import load_model
 
 # kind, tied, format (None: the default), experts, top_k, granularity, shared expert, moe_layers
 EXACT = [
