@@ -219,3 +219,15 @@ def test_inspect_reads_moe_checkpoints_that_transformers_saves(tmp_path):
         info = grow.inspect(tmp_path / family)
         assert info["family"] == family and info["parameters"] == sum(p.numel() for p in model.parameters())
         assert info["num_local_experts" if family == "mixtral" else "num_experts"] == 3
+
+
+def test_inspect_checks_the_expert_count(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    dst = tmp_path / "moe"
+    grow.upcycle(model_dir("llama"), dst, experts=4, top_k=2)
+    tensors = _tensors(dst)
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(grow.GrowError, match=r"layer 1 holds experts \[0, 1, 2\] of .*w2.weight, but config.json says there are 4"):
+        grow.inspect(dst)

@@ -180,8 +180,8 @@ class ArchSpec:
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
-    # "{i}" is the layer (captured); "{e}" an expert index within it
-    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"\d+"))
+    # "{i}" is the layer (group 1); "{e}" an expert index within it (group "e")
+    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)"))
 
 
 def _expr(value) -> str | None:
