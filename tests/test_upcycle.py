@@ -121,6 +121,13 @@ def test_lossy_settings_say_so_and_verify_reports(model_dir, tmp_path, options, 
     assert report["rel_error"] < report["baseline_random_init"]["rel_error"]
     if "router" not in options:  # these change the function for real; a zero router only loses the guarantee
         assert report["rel_error"] > 1e-4
+    if "expert_noise" in options:  # noise of the asked size, independent per expert
+        written, dense = _tensors(dst), _tensors(src)
+        clean = dense["model.layers.0.mlp.up_proj.weight"][:48]
+        a, b = (written[f"model.layers.0.mlp.experts.{x}.up_proj.weight"] for x in (0, 2))  # both hold shard 0
+        for w in (a, b):
+            assert abs(((w - clean).pow(2).mean() / clean.pow(2).mean()).sqrt().item() - 0.05) < 0.01
+        assert not torch.allclose(a, b)
 
 
 def test_zero_router_plain_copies_are_exact(model_dir, tmp_path):
