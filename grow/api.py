@@ -57,6 +57,9 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     shard_bytes = parse_size(shard_size)
     source = Source(src)
     view = ModelView(source)
+    if view.spec.operations is not None and operation not in view.spec.operations:
+        raise UsageError(f"grow can only {' or '.join(view.spec.operations)} a {view.architecture} checkpoint; "
+                         f"it cannot {operation} one.")
     if view.spec.framework == "timm":
         shard_bytes = None  # timm's local-dir loader reads a single weights file
     plan = _build(methods[method], view, method, options)
@@ -96,7 +99,9 @@ def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, veri
 
 def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify: bool = False,
             force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
-    """Turn a dense model into a mixture of experts."""
+    """Turn a dense model into a mixture of experts that starts out computing what `src` did. Options
+    (moe): experts, top_k, granularity, shared_expert, format, router, router_std, expert_noise, moe_layers,
+    renormalize, seed, dtype."""
     return _operate("upcycle", ops.UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 

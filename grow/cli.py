@@ -100,6 +100,7 @@ def _render_operation(result: dict) -> None:
         rows = [("method", plan["method"]), ("exact", plan["exact"]), ("parameters", plan["parameters"]),
                 ("bytes", plan["bytes"])]
         rows += [(f"{k}", f"{plan['source_sizes'].get(k)} -> {v}") for k, v in plan["target_sizes"].items()]
+        rows += [(k, v) for k, v in plan.get("stats", {}).items()]
         out.print(_table(f"plan: {plan['operation']} {result['source']}", rows))
         for note in plan["notes"]:
             out.print(f"note: {note}", highlight=False)
@@ -178,6 +179,40 @@ def expand(
                    noise_snr_db=noise_snr_db, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                    ramp_steps=ramp_steps, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                    verify=verify, force=force, tol=tol)
+
+
+@app.command()
+@handled
+def upcycle(
+    src: str,
+    dst: Annotated[Optional[str], typer.Argument()] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Number of routed experts per sparse layer.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Experts each token uses (a multiple of --granularity).")] = None,
+    granularity: Annotated[int, typer.Option(help="Split the FFN into this many shards; groups of G experts share a router row.")] = 1,
+    shared_expert: Annotated[bool, typer.Option("--shared-expert", help="Give one FFN slice to a shared expert (qwen2_moe).")] = False,
+    format: Annotated[Optional[str], typer.Option("--format", help="mixtral, qwen2_moe or qwen3_moe (default: follows the source).")] = None,
+    router: Annotated[str, typer.Option(help="New router weights: random or zero.")] = "random",
+    router_std: Annotated[float, typer.Option(help="Standard deviation of a random router.")] = 0.02,
+    expert_noise: Annotated[Optional[float], typer.Option(help="Noise on each routed expert, relative to its RMS (not exact).")] = None,
+    moe_layers: Annotated[str, typer.Option(help="Sparse layers: all, every-N ((i+1) % N == 0) or a list like 0,2,3.")] = "all",
+    renormalize: Annotated[bool, typer.Option("--renormalize/--no-renormalize", help="Renormalise the top-k router weights (Qwen MoE norm_topk_prob); off is not exact.")] = True,
+    method: Annotated[str, typer.Option(help="moe")] = "moe",
+    seed: SEED = 0,
+    dtype: DTYPE = None,
+    shard_size: SHARD = "5GB",
+    dry_run: DRY = False,
+    verify: VERIFY = False,
+    force: FORCE = False,
+    tol: TOL = api.DEFAULT_TOL,
+    json_: JSON = False,
+    quiet: QUIET = False,
+    debug: DEBUG = False,
+):
+    """Turn the dense model SRC into a mixture of experts that starts out computing the same function."""
+    _run_operation(api.upcycle, src, dst, json_, quiet, method=method, experts=experts, top_k=top_k,
+                   granularity=granularity, shared_expert=shared_expert, format=format, router=router,
+                   router_std=router_std, expert_noise=expert_noise, moe_layers=moe_layers, renormalize=renormalize,
+                   seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
 
 
 @app.command("verify")

@@ -253,6 +253,7 @@ class Plan:
     options: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra_files: dict[str, dict] = field(default_factory=dict)  # JSON files written beside the weights
+    stats: dict = field(default_factory=dict)  # operator-specific figures for --dry-run and grow.json
 
     @property
     def num_parameters(self) -> int:
@@ -273,6 +274,7 @@ class Plan:
             "architecture": self.architecture,
             "source": {"id": source.id, "sizes": self.source_sizes},
             "target": {"sizes": self.target_sizes, "parameters": self.num_parameters},
+            **({"stats": self.stats} if self.stats else {}),
         }
 
     def summary(self) -> dict:
@@ -286,6 +288,7 @@ class Plan:
             "parameters": self.num_parameters,
             "bytes": self.nbytes,
             "notes": self.notes,
+            **({"stats": self.stats} if self.stats else {}),
             "tensors": [
                 {"name": r.name, "shape": list(r.shape), "dtype": r.dtype, "recipe": r.describe()} for r in self.recipes
             ],
@@ -341,6 +344,9 @@ def _hash_sources(source: Source) -> dict[str, str]:
     return {str(p.relative_to(source.path)): sha256_file(p) for p in paths}
 
 
+PAST_TENSE = {"expand": "expanded", "shrink": "shrunk", "upcycle": "upcycled"}
+
+
 def _model_card(plan: Plan, source: Source) -> str:
     rows = "\n".join(
         f"| {k} | {plan.source_sizes.get(k, '')} | {v} |" for k, v in plan.target_sizes.items()
@@ -348,7 +354,7 @@ def _model_card(plan: Plan, source: Source) -> str:
     exact = "function-preserving (check it with `grow verify`)" if plan.exact else "not function-preserving by design"
     notes = "".join(f"- {n}\n" for n in plan.notes)
     return (
-        f"# {plan.architecture}, {plan.operation}ed with grow\n\n"
+        f"# {plan.architecture}, {PAST_TENSE.get(plan.operation, plan.operation + 'ed')} with grow\n\n"
         f"Made from `{source.id}` by `grow {plan.operation} --method {plan.method}` (grow {__version__}); "
         f"the result is {exact}. `grow.json` holds the full recipe and the source file hashes.\n\n"
         f"| size | source | target |\n|---|---|---|\n{rows}\n\n{notes}"

@@ -51,6 +51,7 @@ class SizeKey:
     default: str | None = None  # expression over other sizes, used when the key is absent or null
     ratio_of: str | None = None  # the config stores size / sizes[ratio_of]
     mirror: tuple[str, ...] = ()  # other config paths that hold the same value
+    aliases: tuple[str, ...] = ()  # other config paths read when `key` is absent (names that changed over versions)
 
 
 class ArchSpec:
@@ -66,7 +67,8 @@ class ArchSpec:
         self.tie_key: str | None = tie["key"] if tie else None
         self.tie_default: bool = bool(tie and tie["default"])
         self.sizes: dict[str, SizeKey] = {
-            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())))
+            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())),
+                       tuple(v.get("aliases", ())))
             for k, v in data["sizes"].items()
         }
         self.per_layer_keys: list[str] = data.get("per_layer", [])
@@ -76,7 +78,9 @@ class ArchSpec:
         self.size_checks: dict[str, list[str]] = data.get("size_checks", {})
         self.tensors = [self._tensor(t) for t in data["tensors"]]
         self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
-        self._data = data
+        # the operations grow can apply to a source of this family; None: all of them
+        self.operations: list[str] | None = data.get("operations")
+        self.data = data  # sections that other modules read (e.g. moe_format)
 
     @staticmethod
     def _tensor(t: dict) -> TensorSpec:
@@ -89,7 +93,7 @@ class ArchSpec:
         p = self.optional_prefix
         if not p or any(n.startswith(p) for n in names):
             return self
-        data = dict(self._data, optional_prefix="")
+        data = dict(self.data, optional_prefix="")
         data["tensors"] = [dict(t, name=t["name"].removeprefix(p)) for t in data["tensors"]]
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
         return ArchSpec(data, self.file)
@@ -115,6 +119,8 @@ class ArchSpec:
         for _ in range(len(pending) + 1):
             for name, sk in list(pending.items()):
                 value = get_path(config, sk.key) if sk.key else None
+                for alias in sk.aliases:
+                    value = get_path(config, alias) if value is None else value
                 if value is not None and sk.ratio_of:
                     if sk.ratio_of not in sizes:
                         continue
@@ -193,7 +199,8 @@ class ArchSpec:
 
 
 def _pattern_regex(pattern: str) -> re.Pattern:
-    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)"))
+    # "{i}" is the layer (group 1); "{e}" an expert index within it (group "e")
+    return re.compile(re.escape(pattern).replace(re.escape("{i}"), r"(\d+)").replace(re.escape("{e}"), r"(?P<e>\d+)"))
 
 
 def _expr(value) -> str | None:

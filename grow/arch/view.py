@@ -59,6 +59,17 @@ class ModelView:
                     f"tensor {e.name} in {e.info.file.name} has shape {list(e.info.shape)} but config.json implies "
                     f"{list(expected)}; fix config.json or the checkpoint."
                 )
+        experts: dict[tuple[str, int | None], set[int]] = {}
+        for e in self.entries:
+            index = e.spec.regex.fullmatch(e.name).groupdict().get("e")
+            if index is not None:
+                experts.setdefault((e.spec.pattern, e.layer), set()).add(int(index))
+        for (pattern, layer), found in experts.items():
+            if found != set(range(self.sizes["experts"])):
+                raise GrowError(
+                    f"layer {layer} holds experts {sorted(found)} of {pattern}, but config.json says there are "
+                    f"{self.sizes['experts']}; fix config.json or the checkpoint."
+                )
         heads = self.spec.by_role("head")
         if heads and not self.tied and heads[0].name() not in self.by_name:
             raise GrowError(

@@ -1,6 +1,6 @@
 """Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
 
-from . import hypercloning, lemon, msg, stack
+from . import hypercloning, lemon, msg, stack, upcycle
 
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
@@ -9,4 +9,6 @@ EXPAND_METHODS = {
     "msg": msg.build,
 }
 SHRINK_METHODS: dict = {}
-UPCYCLE_METHODS: dict = {}
+UPCYCLE_METHODS = {
+    "moe": upcycle.build,
+}

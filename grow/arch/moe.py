@@ -1,0 +1,49 @@
+"""MoE output formats: the `moe_format` section of an architecture's spec file (names, config keys, routing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from .spec import all_specs
+
+
+@dataclass(frozen=True)
+class MoeFormat:
+    name: str  # the spec's family
+    architecture: str
+    model_type: str
+    sources: tuple[str, ...]
+    default_for: tuple[str, ...]
+    keys: dict  # experts, top_k, expert_ffn[, shared_ffn] -> config key
+    renormalize: str | dict  # "always", or {"key": K}: a boolean config key grow sets
+    dense_layers: dict | None  # {"list": key, "step": key}; None: every layer is sparse
+    dense: dict  # part (gate, up, down) -> source tensor pattern
+    router: str
+    expert: dict  # part -> pattern with {i} and {e}
+    shared: dict | None  # part -> pattern, plus "router" for the shared expert's gate
+    forbidden: tuple[str, ...]
+    required: tuple[dict, ...]
+    set: dict
+    refuse: tuple[dict, ...]
+
+    @property
+    def renormalize_key(self) -> str | None:
+        return self.renormalize.get("key") if isinstance(self.renormalize, dict) else None
+
+
+@cache
+def moe_formats() -> dict[str, MoeFormat]:
+    out = {}
+    for spec in all_specs():
+        d = spec.data.get("moe_format")
+        if d is None:
+            continue
+        out[spec.family] = MoeFormat(
+            name=spec.family, architecture=spec.architectures[0], model_type=d["model_type"],
+            sources=tuple(d["sources"]), default_for=tuple(d.get("default_for", ())), keys=d["keys"],
+            renormalize=d["renormalize"], dense_layers=d.get("dense_layers"), dense=d["dense"], router=d["router"],
+            expert=d["expert"], shared=d.get("shared"), forbidden=tuple(d.get("forbidden", ())),
+            required=tuple(d.get("required", ())), set=d.get("set", {}), refuse=tuple(d.get("refuse", ())),
+        )
+    return out
