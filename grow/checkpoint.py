@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .errors import GrowError
 
@@ -121,7 +120,7 @@ class Source:
         self.path, self.id = resolve_path(src)
         self.config = self._read_config()
         self.tensors = self._read_index()
-        self._handles: dict[Path, object] = {}
+        self._handles: dict = {}
 
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
@@ -175,16 +174,28 @@ class Source:
         return max(counts, key=counts.get)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, read into memory of its own. A plain read, not a memory map: pages mapped from
+        the source would stay resident and memory would grow with the model."""
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(handle.fileno(), [view[done:]], info.offset + done)
+            if n == 0:
+                raise GrowError(f"{info.file} ended inside tensor {name}; the file is truncated, re-download it.")
+            done += n
+        return data.view(DTYPES[info.dtype]).reshape(info.shape)
 
     def companion_files(self) -> list[Path]:
         return [self.path / n for n in COMPANION_FILES if (self.path / n).is_file()]
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 

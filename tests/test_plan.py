@@ -110,3 +110,25 @@ def test_scaled_copy_rounds_once(scale, dtype):
     out = materialize(r, {"s": src}.__getitem__)
     want = (src.float().repeat(1, 2) * torch.tensor(scale, dtype=torch.float32)).to(dtype)
     assert out.dtype == dtype and torch.equal(out, want)
+
+
+def test_source_reads_every_dtype_exactly(tmp_path):
+    from safetensors.torch import save_file
+
+    from grow.checkpoint import Source
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen),
+        "bf16": torch.randn(7, 2, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(4, generator=gen).to(torch.float16),
+        "i64": torch.arange(6).reshape(2, 3),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    source = Source(tmp_path)
+    for k, v in tensors.items():
+        got = source.get(k)
+        assert got.dtype == v.dtype and torch.equal(got, v)
+    source.close()
