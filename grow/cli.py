@@ -169,6 +169,40 @@ def expand(
                    verify=verify, force=force, tol=tol)
 
 
+@app.command()
+@handled
+def shrink(
+    src: str,
+    dst: Annotated[Optional[str], typer.Argument()] = None,
+    method: Annotated[str, typer.Option(help="select (data-free) or subclone (data-driven).")] = "select",
+    hidden: Annotated[Optional[int], typer.Option(help="Target width of the residual stream.")] = None,
+    ffn: Annotated[Optional[int], typer.Option(help="Target FFN width.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Target number of attention heads (whole heads).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Target number of kv heads (whole kv groups).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Target number of layers.")] = None,
+    layer_selection: Annotated[Optional[str], typer.Option(help="select: first (default) or uniform.")] = None,
+    element_selection: Annotated[Optional[str], typer.Option(help="select: uniform (default), first or random.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="subclone: text file or folder (images for timm) to measure activations on.")] = None,
+    calibration_tokens: Annotated[Optional[int], typer.Option(help="subclone: calibration tokens (default 8192).")] = None,
+    scores: Annotated[Optional[str], typer.Option(help="subclone: importance scores file, reused if it exists, else written.")] = None,
+    seed: SEED = 0,
+    dtype: DTYPE = None,
+    shard_size: SHARD = "5GB",
+    dry_run: DRY = False,
+    verify: VERIFY = False,
+    force: FORCE = False,
+    json_: JSON = False,
+    quiet: QUIET = False,
+    debug: DEBUG = False,
+):
+    """Write a smaller model that keeps as much of SRC as the method can (sizes left out stay)."""
+    _run_operation(api.shrink, src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
+                   kv_heads=kv_heads, layers=layers, layer_selection=layer_selection,
+                   element_selection=element_selection, calibration=calibration,
+                   calibration_tokens=calibration_tokens, scores=scores, seed=seed, dtype=dtype,
+                   shard_size=shard_size, dry_run=dry_run, verify=verify, force=force)
+
+
 @app.command("verify")
 @handled
 def verify_cmd(src: str, dst: str, tol: TOL = api.DEFAULT_TOL, seed: SEED = 0, json_: JSON = False,

@@ -85,6 +85,23 @@ def target_config(view: ModelView, target_sizes: dict[str, int], dtype: str | No
     return cfg
 
 
+def relayer_config(view: ModelView, cfg: dict, layer_src: list[int]) -> dict:
+    """Rebuild the config entries that depend on depth, for target layer i copying source layer layer_src[i]:
+    per-layer lists take the entry of the copied layer; layer counts (the first N layers are special)
+    become the number of target layers copied from those N."""
+    from ..arch.spec import get_path, set_path
+
+    for key in view.spec.per_layer_keys:
+        values = get_path(cfg, key)
+        if isinstance(values, list) and len(values) == view.sizes["layers"]:
+            set_path(cfg, key, [values[j] for j in layer_src])
+    for key in view.spec.layer_count_keys:
+        count = get_path(cfg, key)
+        if isinstance(count, int) and not isinstance(count, bool):
+            set_path(cfg, key, sum(1 for j in layer_src if j < count))
+    return cfg
+
+
 def check_heads(view: ModelView, sizes: dict[str, int]) -> None:
     """Query heads must divide evenly among kv heads (query head j reads kv head j // group)."""
     if sizes["kv_heads"] < 1 or sizes["heads"] % sizes["kv_heads"]:
