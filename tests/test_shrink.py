@@ -4,6 +4,7 @@ layer-by-layer calibration, bad sizes, and the training evidence that they beat 
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,34 @@ def test_shrunk_models_train_better_than_random_init(trained_dir, tmp_path):
     for method in ("select", "subclone"):
         assert starts[method] < starts["random"] - 0.5, (method, starts)
         assert finals[method] < finals["random"] - 0.3, (method, finals)
+
+
+def test_calibration_inputs(trained_dir, model_dir, tmp_path):
+    """Text through the source's own tokenizer from a file or folder; images from a folder for timm;
+    a calibration file for a model without a tokenizer is refused."""
+    import sysconfig
+
+    from PIL import Image
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    view = ModelView(Source(trained_dir))
+    ids, description, notes = calibrate.token_batch(view, stdlib / "argparse.py", 512)
+    assert ids.shape == (4, 128) and "argparse.py" in description and not notes
+    assert ids.max() < view.sizes["vocab"] and len(ids.unique()) > 100  # real text, not one repeated token
+    folder = tmp_path / "text"
+    folder.mkdir()
+    (folder / "a.txt").write_text((stdlib / "bisect.py").read_text())
+    plan = subclone.build(view, ffn=96, calibration=folder, calibration_tokens=256)
+    assert plan.options["calibration"] == str(folder) and plan.options["calibration_tokens"] == 256
+    assert any(str(folder) in n for n in plan.notes)
+    with pytest.raises(grow.UsageError, match="--calibration needs the source's tokenizer"):
+        calibrate.token_batch(ModelView(Source(model_dir("llama"))), folder, 512)
+    images = tmp_path / "images"
+    images.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for k in range(3):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{k}.png")
+    x, description, notes = calibrate.image_batch(ModelView(Source(model_dir("vit"))), images, 10_000)
+    assert x.shape == (3, 3, 32, 32) and "3 images" in description and not notes
+    assert -1.01 <= x.min() and x.max() <= 1.01  # normalised with the model's mean and std
