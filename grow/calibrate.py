@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .arch.view import ModelView
-from .errors import GrowError, UsageError
+from .errors import GrowError, GrowWarning, UsageError
 
 DEFAULT_TOKENS = 8192
 MAX_SEQ_LEN = 512
@@ -227,7 +227,7 @@ def token_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
         if calibration is not None:
             raise UsageError(f"--calibration needs the source's tokenizer, and {view.source.path} has none.")
         note = "the source has no tokenizer: importance was computed on random tokens, which says little about real use."
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, GrowWarning, stacklevel=2)
         gen = torch.Generator().manual_seed(seed)
         n = tokens // seq
         return torch.randint(0, vocab, (n, seq), generator=gen), f"{n * seq} random tokens", [note]
@@ -259,7 +259,7 @@ def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
     n = max(1, tokens // per_image)
     if calibration is None:
         note = "no --calibration images: importance was computed on random images, which says little about real use."
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, GrowWarning, stacklevel=2)
         gen = torch.Generator().manual_seed(seed)
         return torch.randn((n, *size), generator=gen), f"{n} random images", [note]
     from PIL import Image

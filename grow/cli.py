@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
-from .errors import GrowError
+from .errors import GrowError, GrowWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink a trained checkpoint into a model of another size.")
@@ -131,10 +132,17 @@ def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
     if bar:
         bar.start()
     try:
-        result = fn(src, dst, progress=callback, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GrowWarning)
+            result = fn(src, dst, progress=callback, **kwargs)
     finally:
         if bar:
             bar.stop()
+    for w in caught:
+        if not issubclass(w.category, GrowWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif not quiet:
+            err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     _emit(result, json_, _render_operation)
     if result.get("verification") and not result["verification"]["passed"]:
         err.print(f"error: verification failed: relative error {result['verification']['rel_error']:.3g} "

@@ -405,3 +405,14 @@ def test_calibration_inputs(trained_dir, model_dir, tmp_path):
     x, description, notes = calibrate.image_batch(ModelView(Source(model_dir("vit"))), images, 10_000)
     assert x.shape == (3, 3, 32, 32) and "3 images" in description and not notes
     assert -1.01 <= x.min() and x.max() <= 1.01  # normalised with the model's mean and std
+
+
+def test_cli_warns_about_random_calibration_tokens(model_dir, tmp_path):
+    args = ["shrink", str(model_dir("llama")), "--method", "subclone", "--hidden", "36", "--dry-run",
+            "--calibration-tokens", "256"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "warning: the source has no tokenizer" in " ".join(result.stderr.split())
+    assert "random tokens" in result.stdout  # also a note of the plan
+    quiet = runner.invoke(app, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
