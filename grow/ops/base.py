@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from ..arch.spec import TensorSpec
+from ..arch.spec import TensorSpec, get_path, set_path
 from ..arch.view import Entry, ModelView
 from ..checkpoint import DTYPES
 from ..errors import UsageError
@@ -89,8 +89,6 @@ def relayer_config(view: ModelView, cfg: dict, layer_src: list[int]) -> dict:
     """Rebuild the config entries that depend on depth, for target layer i copying source layer layer_src[i]:
     per-layer lists take the entry of the copied layer; layer counts (the first N layers are special)
     become the number of target layers copied from those N."""
-    from ..arch.spec import get_path, set_path
-
     for key in view.spec.per_layer_keys:
         values = get_path(cfg, key)
         if isinstance(values, list) and len(values) == view.sizes["layers"]:
