@@ -92,7 +92,9 @@ def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False
 
 def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, verify: bool = False,
            force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
-    """Write a smaller model that keeps as much of `src` as the method can."""
+    """Write a smaller model that keeps as much of `src` as the method can. Options: the target sizes
+    hidden, ffn, heads, kv_heads, layers (left out: unchanged), seed, dtype; select: layer_selection,
+    element_selection; subclone: calibration, calibration_tokens, scores."""
     return _operate("shrink", ops.SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -12,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
-from .errors import GrowError
+from .errors import GrowError, GrowWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Grow or shrink a trained checkpoint into a model of another size.")
@@ -134,10 +135,17 @@ def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
     if bar:
         bar.start()
     try:
-        result = fn(src, dst, progress=callback, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GrowWarning)
+            result = fn(src, dst, progress=callback, **kwargs)
     finally:
         if bar:
             bar.stop()
+    for w in caught:
+        if not issubclass(w.category, GrowWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        elif not quiet:
+            err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     _emit(result, json_, _render_operation)
     if result.get("verification") and not result["verification"]["passed"]:
         err.print(f"error: verification failed: relative error {result['verification']['rel_error']:.3g} "
@@ -179,6 +187,41 @@ def expand(
                    noise_snr_db=noise_snr_db, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                    ramp_steps=ramp_steps, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                    verify=verify, force=force, tol=tol)
+
+
+@app.command()
+@handled
+def shrink(
+    src: str,
+    dst: Annotated[Optional[str], typer.Argument()] = None,
+    method: Annotated[str, typer.Option(help="select (data-free) or subclone (data-driven).")] = "select",
+    hidden: Annotated[Optional[int], typer.Option(help="Target width of the residual stream.")] = None,
+    ffn: Annotated[Optional[int], typer.Option(help="Target FFN width.")] = None,
+    heads: Annotated[Optional[int], typer.Option(help="Target number of attention heads (whole heads).")] = None,
+    kv_heads: Annotated[Optional[int], typer.Option(help="Target number of kv heads (whole kv groups).")] = None,
+    layers: Annotated[Optional[int], typer.Option(help="Target number of layers.")] = None,
+    layer_selection: Annotated[Optional[str], typer.Option(help="select: first (default) or uniform.")] = None,
+    element_selection: Annotated[Optional[str], typer.Option(help="select: uniform (default), first or random.")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="subclone: text file or folder (images for timm) to measure activations on.")] = None,
+    calibration_tokens: Annotated[Optional[int], typer.Option(help="subclone: calibration tokens (default 8192).")] = None,
+    scores: Annotated[Optional[str], typer.Option(help="subclone: importance scores file, reused if it exists, else written.")] = None,
+    seed: SEED = 0,
+    dtype: DTYPE = None,
+    shard_size: SHARD = "5GB",
+    dry_run: DRY = False,
+    verify: VERIFY = False,
+    force: FORCE = False,
+    tol: TOL = api.DEFAULT_TOL,
+    json_: JSON = False,
+    quiet: QUIET = False,
+    debug: DEBUG = False,
+):
+    """Write a smaller model that keeps as much of SRC as the method can (sizes left out stay)."""
+    _run_operation(api.shrink, src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
+                   kv_heads=kv_heads, layers=layers, layer_selection=layer_selection,
+                   element_selection=element_selection, calibration=calibration,
+                   calibration_tokens=calibration_tokens, scores=scores, seed=seed, dtype=dtype,
+                   shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
 
 
 @app.command()

@@ -17,3 +17,7 @@ class VerificationFailed(GrowError):
     """An exact method produced a target that does not match its source."""
 
     exit_code = 3
+
+
+class GrowWarning(UserWarning):
+    """Something the user should know about a result that still went through (shown on stderr, not with --quiet)."""

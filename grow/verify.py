@@ -78,7 +78,8 @@ def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 256) -> float
     except Exception:
         return None
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
-    ids = tok(text, return_tensors="pt")["input_ids"][:, :max_tokens]
+    limit = getattr(model.config, "max_position_embeddings", None) or max_tokens  # GPT-2's n_positions too
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit)]
     if ids.shape[1] < 2 or int(ids.max()) >= model.get_input_embeddings().num_embeddings:
         return None
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Plan builders, one module per operator. Each takes a ModelView and options and returns a Plan."""
 
-from . import hypercloning, lemon, msg, stack, upcycle
+from . import hypercloning, lemon, msg, select, stack, subclone, upcycle
 
 EXPAND_METHODS = {
     "hypercloning": hypercloning.build,
@@ -8,7 +8,10 @@ EXPAND_METHODS = {
     "stack": stack.build,
     "msg": msg.build,
 }
-SHRINK_METHODS: dict = {}
+SHRINK_METHODS = {
+    "select": select.build,
+    "subclone": subclone.build,
+}
 UPCYCLE_METHODS = {
     "moe": upcycle.build,
 }

@@ -6,7 +6,7 @@ import zlib
 
 import torch
 
-from ..arch.spec import TensorSpec
+from ..arch.spec import TensorSpec, get_path, set_path
 from ..arch.view import Entry, ModelView
 from ..checkpoint import DTYPES
 from ..errors import UsageError
@@ -82,6 +82,21 @@ def target_config(view: ModelView, target_sizes: dict[str, int], dtype: str | No
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
         cfg["rope_theta"] = rope["rope_theta"]
+    return cfg
+
+
+def relayer_config(view: ModelView, cfg: dict, layer_src: list[int]) -> dict:
+    """Rebuild the config entries that depend on depth, for target layer i copying source layer layer_src[i]:
+    per-layer lists take the entry of the copied layer; layer counts (the first N layers are special)
+    become the number of target layers copied from those N."""
+    for key in view.spec.per_layer_keys:
+        values = get_path(cfg, key)
+        if isinstance(values, list) and len(values) == view.sizes["layers"]:
+            set_path(cfg, key, [values[j] for j in layer_src])
+    for key in view.spec.layer_count_keys:
+        count = get_path(cfg, key)
+        if isinstance(count, int) and not isinstance(count, bool):
+            set_path(cfg, key, sum(1 for j in layer_src if j < count))
     return cfg
 
 

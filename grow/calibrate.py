@@ -1,0 +1,333 @@
+"""Layer-by-layer activation statistics: how much each residual dim, FFN unit and head is used.
+
+The source runs in its own framework (transformers or timm) so that RoPE, masks and attention are
+exactly the real ones, but never as a whole model: the model is built with every parameter on the
+meta device (no memory), and each module's tensors are read from the Source just before that module
+runs and dropped right after it. The calibration batch goes through in one forward pass, so each
+tensor is read once; memory is bounded by one module's weights plus the activations."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sysconfig
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arch.view import ModelView
+from .errors import GrowError, GrowWarning, UsageError
+
+DEFAULT_TOKENS = 8192
+MAX_SEQ_LEN = 512
+# Held out from the default calibration text: verify measures its sample-text loss on textwrap.py.
+HELD_OUT = ("textwrap.py",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass
+class Importance:
+    """Mean |activation| per unit: `hidden` over every layer boundary of the residual stream,
+    `units[(layer, space)]` at the input of the Linear that reads that space (FFN units, q = heads x head_dim)."""
+
+    hidden: torch.Tensor
+    units: dict[tuple[int, str], torch.Tensor]
+    tokens: int
+    inputs: str  # what the statistics were computed on
+    peak_param_bytes: int = 0  # most parameter bytes that were in memory at once
+    notes: list[str] = field(default_factory=list)
+
+    def head_scores(self, layer: int, head_dim: int) -> torch.Tensor:
+        q = self.units[(layer, "q")]
+        return q.view(-1, head_dim).mean(1)
+
+
+@contextlib.contextmanager
+def _meta_parameters():
+    """Build modules with every parameter on the meta device; buffers (RoPE frequencies) stay real."""
+    original = torch.nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _skeleton(view: ModelView):
+    """The source's model class with meta parameters, and a function running its trunk (no head)."""
+    if view.spec.framework == "timm":
+        import timm
+
+        with _meta_parameters():
+            model = timm.create_model(view.config["architecture"], pretrained=False, **view.config.get("model_args", {}))
+        return model.eval(), model.forward_features
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.AutoConfig.from_pretrained(str(view.source.path))
+    with _meta_parameters():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    trunk = model.eval().base_model
+    return model, lambda ids: trunk(input_ids=ids, use_cache=False).last_hidden_state
+
+
+class _Loader:
+    """Forward hooks that give a module its real tensors for the duration of its own forward."""
+
+    def __init__(self, model: torch.nn.Module, view: ModelView):
+        self.source = view.source
+        self.live = 0
+        self.peak = 0
+        self.handles = []
+        for name, module in model.named_modules():
+            if not any(p is not None for p in module._parameters.values()):
+                continue
+            if module is model:  # root parameters (class token, positions) are used outside any forward
+                self._load(module, name)
+                continue
+            self.handles.append(module.register_forward_pre_hook(lambda m, _a, n=name: self._load(m, n)))
+            self.handles.append(module.register_forward_hook(lambda m, _a, _o: self._drop(m)))
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        for pname, p in module._parameters.items():
+            if p is None:
+                continue
+            full = f"{prefix}.{pname}" if prefix else pname
+            if full not in self.source.tensors:
+                raise GrowError(f"the checkpoint has no tensor {full}, which the {type(module).__name__} module needs.")
+            t = self.source.get(full).to(torch.float32)
+            module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+            self.live += t.numel() * 4
+        self.peak = max(self.peak, self.live)
+
+    def _drop(self, module: torch.nn.Module) -> None:
+        for pname, p in module._parameters.items():
+            if p is not None and p.device.type != "meta":
+                self.live -= p.numel() * 4
+                module._parameters[pname] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _Stats:
+    def __init__(self):
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).abs().to(torch.float64)
+        s = flat.sum(0)
+        self.sum = s if self.sum is None else self.sum + s
+        self.count += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).to(torch.float32)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _block_name(view: ModelView, layer: int) -> str:
+    """The module holding one layer: the part of the per-layer tensor names up to the layer index."""
+    pattern = next(t.pattern for t in view.spec.tensors if t.per_layer)
+    return pattern[: pattern.index("{i}")] + str(layer)
+
+
+def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
+    """(layer, space) -> module whose input is that space: the Linears reading FFN units or heads."""
+    out = {}
+    for e in view.entries:
+        spec = e.spec
+        if e.layer is None or spec.reads is None or not e.name.endswith(".weight"):
+            continue
+        spaces = spec.axes[spec.reads]
+        if len(spaces) == 1 and spaces[0] in ("ffn", "q"):
+            out[(e.layer, spaces[0])] = e.name.removesuffix(".weight")
+    return out
+
+
+def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list[str] | None = None) -> Importance:
+    """Run `inputs` (token ids or images) through the source one module at a time and gather the statistics."""
+    model, trunk = _skeleton(view)
+    loader = _Loader(model, view)
+    hidden = _Stats()
+    units = {key: _Stats() for key in _unit_readers(view)}
+    hooks = []
+    layers = view.sizes["layers"]
+
+    def on_input(_m, args, kwargs):
+        hidden.add(args[0] if args else kwargs["hidden_states"])
+
+    hooks.append(model.get_submodule(_block_name(view, 0)).register_forward_pre_hook(on_input, with_kwargs=True))
+    for i in range(layers):
+        hooks.append(model.get_submodule(_block_name(view, i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
+    for key, name in _unit_readers(view).items():
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
+    try:
+        with torch.no_grad():
+            trunk(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        loader.remove()
+    tokens = int(inputs.numel()) if inputs.dtype == torch.long else hidden.count // (layers + 1)
+    return Importance(hidden.mean(), {k: s.mean() for k, s in units.items()}, tokens, description,
+                      loader.peak, list(notes or []))
+
+
+# ---- calibration inputs ------------------------------------------------------------------------
+
+def _text_files(calibration) -> list[Path]:
+    if calibration is None:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        return [p for p in sorted(stdlib.glob("*.py")) if p.name not in HELD_OUT]
+    path = Path(calibration).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.is_file()]
+        if files:
+            return files
+    raise UsageError(f"--calibration {calibration} is not a file or a folder with files in it.")
+
+
+def _seq_len(view: ModelView, config_max: int | None) -> int:
+    limit = view.sizes.get("positions") or config_max or MAX_SEQ_LEN
+    return max(2, min(MAX_SEQ_LEN, int(limit)))
+
+
+def token_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> tuple[torch.Tensor, str, list[str]]:
+    """Calibration token ids [batch, seq] from text through the source's own tokenizer."""
+    vocab = view.sizes["vocab"]
+    seq = _seq_len(view, view.config.get("max_position_embeddings"))
+    if tokens < seq:
+        raise UsageError(f"--calibration-tokens must be at least one sequence of {seq} tokens, not {tokens}.")
+    tok = None
+    # transformers builds an empty tokenizer for a folder without one, so look for the files first
+    if any((view.source.path / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(str(view.source.path))
+        except Exception:
+            tok = None
+    if tok is None:
+        if calibration is not None:
+            raise UsageError(f"--calibration needs the source's tokenizer, and {view.source.path} has none.")
+        note = "the source has no tokenizer: importance was computed on random tokens, which says little about real use."
+        warnings.warn(note, GrowWarning, stacklevel=2)
+        gen = torch.Generator().manual_seed(seed)
+        n = tokens // seq
+        return torch.randint(0, vocab, (n, seq), generator=gen), f"{n * seq} random tokens", [note]
+    ids: list[int] = []
+    for f in _text_files(calibration):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        ids.extend(tok(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= tokens:
+            break
+    n = min(tokens, len(ids)) // seq
+    if n == 0:
+        raise UsageError(f"--calibration {calibration} holds fewer than {seq} tokens of text; give more text.")
+    batch = torch.tensor(ids[: n * seq]).view(n, seq)
+    if int(batch.max()) >= vocab:
+        raise GrowError(f"the tokenizer in {view.source.path} yields ids beyond the model's vocabulary of {vocab}.")
+    where = "the Python standard library" if calibration is None else str(calibration)
+    return batch, f"{n * seq} tokens of {where}", []
+
+
+def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> tuple[torch.Tensor, str, list[str]]:
+    """Calibration images [n, 3, H, W], normalised as the model expects; random images only without a folder."""
+    pcfg = view.config.get("pretrained_cfg", {})
+    size = pcfg.get("input_size") or [3, 224, 224]
+    patch = view.config.get("model_args", {}).get("patch_size", 16)
+    per_image = (size[1] // patch) * (size[2] // patch) + 1
+    n = max(1, tokens // per_image)
+    if calibration is None:
+        note = "no --calibration images: importance was computed on random images, which says little about real use."
+        warnings.warn(note, GrowWarning, stacklevel=2)
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((n, *size), generator=gen), f"{n} random images", [note]
+    from PIL import Image
+
+    path = Path(calibration).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UsageError(f"--calibration {calibration} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    mean = torch.tensor(pcfg.get("mean", [0.5, 0.5, 0.5])).view(3, 1, 1)
+    std = torch.tensor(pcfg.get("std", [0.5, 0.5, 0.5])).view(3, 1, 1)
+    images = []
+    for f in files[:n]:
+        img = Image.open(f).convert("RGB").resize((size[2], size[1]), Image.BICUBIC)
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size[1], size[2], 3)
+        images.append((x.permute(2, 0, 1).float() / 255 - mean) / std)
+    return torch.stack(images), f"{len(images)} images from {calibration}", []
+
+
+def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> Importance:
+    make = image_batch if view.spec.framework == "timm" else token_batch
+    inputs, description, notes = make(view, calibration, tokens, seed)
+    return collect(view, inputs, description, notes)
+
+
+# ---- score files ------------------------------------------------------------------------------
+
+def save(path: Path, imp: Importance, view: ModelView) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"hidden": imp.hidden.contiguous()}
+    tensors.update({f"layers.{i}.{space}": t.contiguous() for (i, space), t in imp.units.items()})
+    meta = {"source": view.source.id, "tokens": str(imp.tokens), "inputs": imp.inputs, "notes": json.dumps(imp.notes)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load(path: Path, view: ModelView) -> Importance:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UsageError(f"--scores {path} is not a scores file grow wrote ({e.__class__.__name__}); delete it or give another path.") from None
+    expected = {"hidden": view.sizes["hidden"]}
+    expected.update({f"layers.{i}.{s}": view.spec.space_size(s, view.sizes) for i, s in _unit_readers(view)})
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    if shapes != {k: (n,) for k, n in expected.items()}:
+        raise UsageError(f"--scores {path} was computed for a model of another shape than {view.source.id}; "
+                         "delete it or give another path.")
+    units = {}
+    for k, t in tensors.items():
+        if k != "hidden":
+            _, i, space = k.split(".")
+            units[(int(i), space)] = t
+    return Importance(tensors["hidden"], units, int(meta.get("tokens", 0)), meta.get("inputs", "?"),
+                      notes=json.loads(meta.get("notes", "[]")))
+
+
+def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0) -> Importance:
+    """Scores from `scores` when that file exists, else computed on the calibration data (and saved there)."""
+    path = Path(scores).expanduser() if scores is not None else None
+    if path is not None and path.is_file():
+        return load(path, view)
+    imp = compute(view, calibration, tokens, seed)
+    if path is not None:
+        save(path, imp, view)
+    return imp

@@ -1,0 +1,126 @@
+"""What the shrinking operators share: target sizes and their constraints, head and layer index sets,
+and the plan that gathers every tensor through one map per space."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..arch.view import ModelView
+from ..errors import UsageError
+from ..plan import Plan
+from .base import check_heads, mapped_recipe, relayer_config, target_config
+from .maps import WidthMap, per_head, select
+
+OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
+
+
+def target_sizes(view: ModelView, **asked) -> dict[str, int]:
+    """The target sizes: each size asked for (no larger than the source), the rest as they are.
+    Heads stay whole (head_dim is kept) and every target kv head keeps query heads of one source group."""
+    s = view.sizes
+    given = {k: v for k, v in asked.items() if v is not None}
+    if not given:
+        raise UsageError(f"nothing to shrink: give at least one of {', '.join(OPTIONS.values())}.")
+    t = dict(s)
+    for key, value in given.items():
+        option = OPTIONS[key]
+        if isinstance(value, bool) or not float(value).is_integer() or not 1 <= int(value) <= s[key]:
+            raise UsageError(f"{option} must be a whole number from 1 to the source's {s[key]}, not {value}; "
+                             "shrinking cannot make a size larger.")
+        t[key] = int(value)
+    kv_implied = view.spec.sizes["kv_heads"].key is None
+    if kv_implied:  # every head has its own k and v (GPT-2, ViT): kv heads are the heads
+        if "kv_heads" in given and given["kv_heads"] != t["heads"]:
+            raise UsageError(f"--kv-heads does not apply to a {view.spec.family} model: each head has its own keys "
+                             "and values, so the kv heads follow --heads.")
+        t["kv_heads"] = t["heads"]
+    hd = s["head_dim"]
+    if view.spec.sizes["head_dim"].key is None and t["hidden"] != t["heads"] * hd:
+        # head width is hidden / heads here, and shrinking keeps whole heads of hd dims
+        if t["hidden"] % hd:
+            raise UsageError(f"--hidden {t['hidden']} is not a multiple of the head size {hd}; a {view.spec.family} "
+                             "model's heads are hidden / heads wide and shrinking keeps whole heads.")
+        raise UsageError(f"a {view.spec.family} model's heads are hidden / heads wide and shrinking keeps whole heads "
+                         f"of {hd}, so --hidden {t['hidden']} needs --heads {t['hidden'] // hd}, not {t['heads']}.")
+    if t["kv_heads"] > s["kv_heads"]:
+        raise UsageError(f"--kv-heads must be at most the source's {s['kv_heads']}, not {t['kv_heads']}.")
+    check_heads(view, t)
+    group, new_group = s["heads"] // s["kv_heads"], t["heads"] // t["kv_heads"]
+    if new_group > group:
+        raise UsageError(
+            f"--heads {t['heads']} over {t['kv_heads']} kv heads puts {new_group} query heads on each kv head, but a "
+            f"source kv head serves only {group}; keep --heads at most {group * t['kv_heads']} (whole kv groups)."
+        )
+    return t
+
+
+def head_indices(s: dict[str, int], t: dict[str, int], pick_kv: Callable[[int, int], torch.Tensor],
+                 pick_q: Callable[[int, int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source kv heads kept, and source query heads kept: for each kept kv head, query heads of its own
+    group, so that target query head j still reads target kv head j // (heads / kv_heads).
+    pick_kv(n, k) chooses k of n kv heads; pick_q(kv_head, n, k) chooses k of the n heads of that group."""
+    group, keep = s["heads"] // s["kv_heads"], t["heads"] // t["kv_heads"]
+    kv = pick_kv(s["kv_heads"], t["kv_heads"])
+    q = torch.cat([int(g) * group + pick_q(int(g), group, keep) for g in kv])
+    return kv, q
+
+
+def head_maps(s: dict[str, int], kv: torch.Tensor, q: torch.Tensor, how: str) -> dict[str, WidthMap]:
+    maps = {}
+    if q.numel() != s["heads"]:
+        maps["q"] = per_head(select(s["heads"], q, label=f"{how} {q.numel()} of {s['heads']} heads"), s["head_dim"])
+    if kv.numel() != s["kv_heads"]:
+        maps["kv"] = per_head(select(s["kv_heads"], kv, label=f"{how} {kv.numel()} of {s['kv_heads']} kv heads"),
+                              s["head_dim"])
+    return maps
+
+
+def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: list[int],
+               layer_maps: Callable[[int], dict[str, WidthMap]], global_maps: dict[str, WidthMap],
+               fan_in_scale: Callable[[tuple[str, ...]], float] = lambda spaces: 1.0, dtype: str | None, seed: int,
+               options: dict, notes: list[str]) -> Plan:
+    """Target layer i copies source layer layer_src[i], every axis gathered through its space's map;
+    each Linear is multiplied by fan_in_scale(spaces of its input axis). A tied head keeps its tie:
+    its scale goes into the final norm that feeds it."""
+    target_of = {j: i for i, j in enumerate(layer_src)}
+    heads = view.spec.by_role("head")
+    head_scale = fan_in_scale(heads[0].axes[heads[0].reads]) if view.tied and heads else 1.0
+    recipes = []
+    for e in view.entries:
+        role = e.spec.role
+        if role == "head" and view.tied:
+            continue
+        if e.layer is None:
+            maps, name = global_maps, e.name
+        elif e.layer in target_of:
+            maps, name = layer_maps(e.layer), e.spec.name(target_of[e.layer])
+        else:
+            continue
+        scale = fan_in_scale(e.spec.axes[e.spec.reads]) if e.spec.reads is not None else 1.0
+        note = ""
+        if role == "final_norm" and head_scale != 1.0:
+            scale, note = head_scale, "scale of the tied head folded in"
+        if name != e.name:
+            note = ", ".join(filter(None, [f"from layer {e.layer}", note]))
+        recipes.append(mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, note=note))
+    config = relayer_config(view, target_config(view, t, dtype), layer_src)
+    return Plan(operation="shrink", method=method, exact=False, architecture=view.architecture, config=config,
+                recipes=recipes, source_sizes=view.sizes, target_sizes=t, options=options, notes=notes)
+
+
+def pick(n: int, k: int, how: str, gen: torch.Generator) -> torch.Tensor:
+    """k of n positions, in order: evenly spaced, the first k, or a seeded random choice."""
+    if how == "first":
+        return torch.arange(k)
+    if how == "uniform":
+        return torch.arange(k) * n // k
+    if how == "random":
+        return torch.randperm(n, generator=gen)[:k].sort().values
+    raise UsageError(f"--element-selection {how} is not one of uniform, first, random.")
+
+
+def top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring positions, in their original order."""
+    return torch.topk(scores.double(), k).indices.sort().values

@@ -1,0 +1,66 @@
+"""Weight subcloning (data-driven shrinking): keep the units the source uses most on real data.
+
+Importance is the mean |activation| measured by grow.calibrate, one layer at a time: one global
+ranking of the residual dims (the residual stream is shared by every layer), and per-layer rankings
+of FFN units and heads (a kv group scores the sum of its query heads). Whole layers are removed from
+the middle of the stack. Each Linear whose input width shrank from D to d is multiplied by
+sqrt(D/d), which keeps the scale of its output roughly where the source had it."""
+
+from __future__ import annotations
+
+import math
+
+from .. import calibrate
+from ..arch.view import ModelView
+from ..plan import Plan
+from .maps import WidthMap, select
+from .shrinking import build_plan, head_indices, head_maps, target_sizes, top
+
+
+def middle_removed(n: int, k: int) -> list[int]:
+    """k of n layers: the first ceil(k/2) and the last floor(k/2)."""
+    first = (k + 1) // 2
+    return list(range(first)) + list(range(n - (k - first), n))
+
+
+def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, calibration=None,
+          calibration_tokens: int = calibrate.DEFAULT_TOKENS, scores=None, seed: int = 0,
+          dtype: str | None = None) -> Plan:
+    s = view.sizes
+    t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
+    imp = calibrate.importance(view, calibration=calibration, tokens=calibration_tokens, scores=scores, seed=seed)
+    layer_src = middle_removed(s["layers"], t["layers"])
+
+    global_maps: dict[str, WidthMap] = {}
+    if t["hidden"] != s["hidden"]:
+        global_maps["hidden"] = select(s["hidden"], top(imp.hidden, t["hidden"]), label=f"top {t['hidden']} of {s['hidden']}")
+
+    def layer_maps(layer: int) -> dict[str, WidthMap]:
+        maps = dict(global_maps)
+        if t["ffn"] != s["ffn"]:
+            maps["ffn"] = select(s["ffn"], top(imp.units[(layer, "ffn")], t["ffn"]), label=f"top {t['ffn']} of {s['ffn']}")
+        per_head = imp.head_scores(layer, s["head_dim"])
+        group = s["heads"] // s["kv_heads"]
+        kv, q = head_indices(
+            s, t,
+            lambda _n, k: top(per_head.view(-1, group).sum(1), k),
+            lambda g, _n, k: top(per_head[g * group:(g + 1) * group], k),
+        )
+        maps.update(head_maps(s, kv, q, "top"))
+        return maps
+
+    def fan_in_scale(spaces: tuple[str, ...]) -> float:
+        before = view.spec.axis_size(spaces, s)
+        after = view.spec.axis_size(spaces, t)
+        return math.sqrt(before / after) if before and after and before != after else 1.0
+
+    notes = [f"importance from {imp.inputs}"] + imp.notes
+    if t["layers"] != s["layers"]:
+        notes.append(f"layers {layer_src} of {s['layers']} kept (removed from the middle)")
+    return build_plan(
+        view, t, method="subclone", layer_src=layer_src, layer_maps=layer_maps, global_maps=global_maps,
+        fan_in_scale=fan_in_scale, dtype=dtype, seed=seed, notes=notes,
+        options={"calibration": None if calibration is None else str(calibration), "calibration_tokens": imp.tokens,
+                 "scores": None if scores is None else str(scores), "seed": seed, "dtype": dtype,
+                 **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}},
+    )

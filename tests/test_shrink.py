@@ -1,0 +1,418 @@
+"""Shrinking: weight selection and weight subcloning on every architecture, their index sets, the
+layer-by-layer calibration, bad sizes, and the training evidence that they beat a random start."""
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import grow
+from conftest import MODEL_KINDS
+from grow import calibrate
+from grow.arch.view import ModelView
+from grow.checkpoint import Source
+from grow.cli import app
+from grow.ops import subclone
+from grow.verify import compare, load_model, run, sample_inputs
+
+# A smaller shape for each architecture: whole heads, whole kv groups, fewer layers.
+SHAPES = {
+    "llama": dict(hidden=36, ffn=56, heads=4, kv_heads=2, layers=1),  # 9 heads / 3 kv -> 4 / 2
+    "llama_mqa": dict(hidden=24, ffn=40, heads=3, layers=1),
+    "mistral": dict(hidden=32, ffn=48, heads=4, kv_heads=1),
+    "qwen2": dict(hidden=32, heads=2, kv_heads=1, layers=1),
+    "qwen3": dict(hidden=24, ffn=48, heads=2, kv_heads=1),  # head_dim 16 kept although hidden / heads is 12
+    "gpt2": dict(hidden=24, ffn=96, heads=2, layers=1),
+    "vit": dict(hidden=32, ffn=64, heads=2, layers=1),
+}
+HIDDEN_KEY = {"gpt2": "n_embd", "vit": "embed_dim"}
+HEADS_KEY = {"gpt2": "n_head", "vit": "num_heads"}
+runner = CliRunner()
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random calibration tokens for models without a tokenizer
+        return fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["select", "subclone"])
+@pytest.mark.parametrize("kind,tied", MODEL_KINDS + [("vit", False)])
+def test_shrink_every_architecture(model_dir, tmp_path, kind, tied, method):
+    src, dst = model_dir(kind, tied), tmp_path / "out"
+    shape = SHAPES[kind]
+    result = _quiet(grow.shrink, src, dst, method=method, verify=True, **shape)
+    report = result["verification"]
+    assert report["passed"] and report["exact_expected"] is False
+    assert "baseline_random_init" in report and 0 <= report["top1_agreement"] <= 1
+    sizes = grow.inspect(dst)
+    assert sizes[HIDDEN_KEY.get(kind, "hidden_size")] == shape["hidden"]
+    assert sizes[HEADS_KEY.get(kind, "num_attention_heads")] == shape["heads"]
+    assert sizes["parameters"] == result["target_parameters"] < result["source_parameters"]
+    recipe = json.loads((dst / "grow.json").read_text())
+    assert recipe["operation"] == "shrink" and recipe["method"] == method and recipe["exact"] is False
+    framework = "timm" if kind == "vit" else "transformers"
+    model = load_model(dst, framework)  # reloads in transformers / timm and runs
+    out = run(model, sample_inputs(json.loads((src / "config.json").read_text()), framework, 0, vocab=100), framework)
+    assert torch.isfinite(out).all()
+    if tied:
+        with_head = load_file(str(dst / "model.safetensors"))
+        assert "lm_head.weight" not in with_head
+
+
+def _zero_units(src, dst, *, ffn_keep, q_keep=None, kv_drop=None, inputs=False):
+    """Copy a model, making FFN units outside ffn_keep and heads outside q_keep inert: with inputs=False
+    their contribution to the residual is zeroed (fan-in columns of the readers); with inputs=True their
+    activations are zeroed (FFN units' input rows, the k and v rows of the kv heads in kv_drop)."""
+    shutil.copytree(src, dst)
+    view = ModelView(Source(src))
+    hd = view.sizes["head_dim"]
+    tensors = load_file(str(src / "model.safetensors"))
+    for e in view.entries:
+        if e.layer is None:
+            continue
+        t = tensors[e.name]
+        for axis, spaces in enumerate(e.spec.axes):
+            reader = axis == e.spec.reads
+            offset = 0
+            for space in spaces:
+                n = view.spec.space_size(space, view.sizes)
+                drop = None
+                if space == "ffn" and reader != inputs:
+                    drop = [u for u in range(n) if u not in ffn_keep]
+                elif space == "q" and reader and not inputs and q_keep is not None:
+                    drop = [u for u in range(n) if u // hd not in q_keep]
+                elif space == "kv" and not reader and inputs and kv_drop is not None:
+                    drop = [u for u in range(n) if u // hd in kv_drop]
+                if drop:
+                    t.index_fill_(axis, torch.tensor(drop) + offset, 0.0)
+                offset += n or 0
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+INERT = {  # options, and the query heads that 'first' selection keeps
+    "llama": (dict(heads=4, kv_heads=2, ffn=56), {0, 1, 3, 4}),  # 9 heads / 3 kv: first 2 of kv groups 0, 1
+    "llama_mqa": (dict(heads=3, ffn=40), {0, 1, 2}),
+    "qwen3": (dict(heads=2, kv_heads=1, ffn=48), {0, 1}),
+    "gpt2": (dict(ffn=96), None),  # head width is hidden / heads: heads cannot go without hidden
+    "vit": (dict(ffn=40), None),
+}
+
+
+@pytest.mark.parametrize("kind", list(INERT))
+def test_select_keeps_grouped_query_mapping(model_dir, tmp_path, kind):
+    """Heads and FFN units that contribute nothing are exactly the ones 'first' selection drops, so the
+    shrunk model must compute what the source does; a wrong head, kv group or slice would not."""
+    opts, q_keep = INERT[kind]
+    inert = _zero_units(model_dir(kind), tmp_path / "inert", ffn_keep=set(range(opts["ffn"])), q_keep=q_keep)
+    dst = tmp_path / "out"
+    grow.shrink(inert, dst, method="select", element_selection="first", **opts)
+    framework = "timm" if kind == "vit" else "transformers"
+    x = sample_inputs(json.loads((inert / "config.json").read_text()), framework, 0, vocab=100)
+    r = compare(run(load_model(inert, framework), x, framework), run(load_model(dst, framework), x, framework))
+    assert r["rel_error"] < 1e-5, r
+
+
+def test_select_slices_fused_qkv_by_whole_heads(model_dir, tmp_path):
+    src, dst = model_dir("gpt2"), tmp_path / "out"
+    grow.shrink(src, dst, method="select", hidden=24, heads=2)
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    h = torch.arange(24) * 2
+    q = (torch.tensor([0, 2])[:, None] * 12 + torch.arange(12)).flatten()  # uniform: heads 0 and 2 of 4
+    qkv = torch.cat([q, q + 48, q + 96])
+    assert torch.equal(b["transformer.h.0.attn.c_attn.weight"], a["transformer.h.0.attn.c_attn.weight"][h][:, qkv])
+    assert torch.equal(b["transformer.h.0.attn.c_attn.bias"], a["transformer.h.0.attn.c_attn.bias"][qkv])
+    assert torch.equal(b["transformer.h.1.attn.c_proj.weight"], a["transformer.h.1.attn.c_proj.weight"][q][:, h])
+
+
+def test_select_uses_one_index_set_per_space_and_no_rescaling(model_dir, tmp_path):
+    src, dst = model_dir("llama"), tmp_path / "out"
+    grow.shrink(src, dst, method="select", hidden=36, ffn=56, heads=4, kv_heads=2, layers=1, layer_selection="uniform")
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    h = torch.arange(36) * 2  # uniform: every other residual dim
+    f = torch.arange(56) * 2
+    q = (torch.tensor([0, 1, 3, 4])[:, None] * 8 + torch.arange(8)).flatten()  # heads 0, 1 (kv 0) and 3, 4 (kv 1)
+    kv = torch.arange(16)
+    assert torch.equal(b["model.embed_tokens.weight"], a["model.embed_tokens.weight"][:, h])
+    assert torch.equal(b["lm_head.weight"], a["lm_head.weight"][:, h])
+    assert torch.equal(b["model.norm.weight"], a["model.norm.weight"][h])
+    src_layer = "model.layers.0."  # uniform over 2 layers keeping 1: layer 0
+    pairs = {
+        "self_attn.q_proj.weight": a[src_layer + "self_attn.q_proj.weight"][q][:, h],
+        "self_attn.k_proj.weight": a[src_layer + "self_attn.k_proj.weight"][kv][:, h],
+        "self_attn.o_proj.weight": a[src_layer + "self_attn.o_proj.weight"][h][:, q],
+        "mlp.gate_proj.weight": a[src_layer + "mlp.gate_proj.weight"][f][:, h],
+        "mlp.down_proj.weight": a[src_layer + "mlp.down_proj.weight"][h][:, f],
+        "input_layernorm.weight": a[src_layer + "input_layernorm.weight"][h],
+    }
+    for name, expected in pairs.items():
+        assert torch.equal(b["model.layers.0." + name], expected), name
+    assert "model.layers.1.mlp.up_proj.weight" not in b
+
+
+def test_layer_selection_and_per_layer_config(tmp_path):
+    """Depth changes rebuild layer_types and max_window_layers from the layers kept."""
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                                   num_key_value_heads=2, num_hidden_layers=4, use_sliding_window=True,
+                                   sliding_window=8, max_window_layers=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    types = json.loads((src / "config.json").read_text())["layer_types"]
+    assert types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    a = load_file(str(src / "model.safetensors"))
+    cases = [("select", dict(layer_selection="first"), [0, 1, 2]), ("select", dict(layer_selection="uniform"), [0, 2, 3]),
+             ("subclone", dict(), [0, 1, 3])]  # subclone removes from the middle
+    for method, opts, kept in cases:
+        dst = tmp_path / f"{method}{len(opts)}{opts.get('layer_selection', '')}"
+        _quiet(grow.shrink, src, dst, method=method, layers=3, **opts)
+        out = json.loads((dst / "config.json").read_text())
+        assert out["num_hidden_layers"] == 3
+        assert out["layer_types"] == [types[j] for j in kept], (method, opts)
+        assert out["max_window_layers"] == sum(j < 2 for j in kept)
+        b = load_file(str(dst / "model.safetensors"))
+        for i, j in enumerate(kept):
+            assert torch.equal(b[f"model.layers.{i}.mlp.up_proj.weight"], a[f"model.layers.{j}.mlp.up_proj.weight"])
+        model = load_model(dst, "transformers")
+        assert model.config.layer_types == out["layer_types"]
+
+
+def test_vit_small_to_tiny(tmp_path):
+    """The published case: a ViT-S-shaped model (384 wide, 6 heads) to the ViT-T shape (192, 3 heads)."""
+    from tiny_models import save_vit
+
+    src = save_vit(tmp_path / "vit_s", embed_dim=384, num_heads=6, depth=2)
+    for method in ("select", "subclone"):
+        dst = tmp_path / method
+        result = _quiet(grow.shrink, src, dst, method=method, hidden=192, heads=3, ffn=768, verify=True)
+        sizes = grow.inspect(dst)
+        assert (sizes["embed_dim"], sizes["num_heads"], sizes["ffn"]) == (192, 3, 768)
+        cfg = json.loads((dst / "config.json").read_text())
+        assert cfg["num_features"] == 192 and cfg["model_args"].get("mlp_ratio", 4.0) == 4.0
+        assert result["verification"]["passed"]
+
+
+def test_subclone_ranks_by_activation(model_dir, tmp_path):
+    """Dead FFN units and a dead kv group (zero k and v) score exactly 0 and are the ones subcloning drops;
+    every Linear whose input shrank is scaled by sqrt(D/d)."""
+    src = model_dir("llama")
+    keep = set(range(0, 112, 2))  # even FFN units live
+    dead = _zero_units(src, tmp_path / "dead", ffn_keep=keep, kv_drop={1}, inputs=True)
+    view = ModelView(Source(dead))
+    imp = _quiet(calibrate.importance, view, tokens=256)
+    for layer in range(2):
+        ffn = imp.units[(layer, "ffn")]
+        assert torch.all(ffn[1::2] == 0) and torch.all(ffn[0::2] > 0)
+        heads = imp.head_scores(layer, 8)
+        assert torch.all(heads[3:6] == 0) and torch.all(heads[:3] > 0) and torch.all(heads[6:] > 0)
+    plan = _quiet(subclone.build, view, ffn=56, heads=6, kv_heads=2, hidden=48, calibration_tokens=256)
+    by_name = {r.name: r for r in plan.recipes}
+    down = by_name["model.layers.0.mlp.down_proj.weight"]
+    assert set(down.axes[1].index.tolist()) == keep
+    assert down.scale == pytest.approx((112 / 56) ** 0.5)
+    k = by_name["model.layers.1.self_attn.k_proj.weight"]
+    assert sorted(set((k.axes[0].index // 8).tolist())) == [0, 2]  # kv group 1 dropped
+    assert k.scale == pytest.approx((72 / 48) ** 0.5)
+    assert by_name["model.layers.0.self_attn.o_proj.weight"].scale == pytest.approx((72 / 48) ** 0.5)
+    assert by_name["lm_head.weight"].scale == pytest.approx((72 / 48) ** 0.5)
+    assert by_name["model.embed_tokens.weight"].scale == 1.0
+    hidden = by_name["model.norm.weight"].axes[0].index
+    assert torch.equal(hidden, torch.topk(imp.hidden, 48).indices.sort().values)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "vit"])
+def test_calibration_runs_one_module_at_a_time(model_dir, kind):
+    """The layer-by-layer statistics equal those of the whole model run at once, while no more than one
+    layer's weights (or one global tensor) was ever in memory."""
+    src = model_dir(kind)
+    view = ModelView(Source(src))
+    make = calibrate.image_batch if kind == "vit" else calibrate.token_batch
+    inputs, description, _ = _quiet(make, view, None, 256)
+    imp = calibrate.collect(view, inputs, description)
+
+    framework = view.spec.framework
+    model = load_model(src, framework)
+    hidden, units, hooks = calibrate._Stats(), {k: calibrate._Stats() for k in imp.units}, []
+    hooks.append(model.get_submodule(calibrate._block_name(view, 0)).register_forward_pre_hook(
+        lambda _m, a, k: hidden.add(a[0] if a else k["hidden_states"]), with_kwargs=True))
+    for i in range(view.sizes["layers"]):
+        hooks.append(model.get_submodule(calibrate._block_name(view, i)).register_forward_hook(
+            lambda _m, _a, o: hidden.add(calibrate._first(o))))
+    for key, name in calibrate._unit_readers(view).items():
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
+    with torch.no_grad():
+        model(inputs)
+    assert torch.allclose(hidden.mean(), imp.hidden, rtol=1e-5, atol=1e-6)
+    for key in units:
+        assert torch.allclose(units[key].mean(), imp.units[key], rtol=1e-5, atol=1e-6), key
+
+    per_layer = [sum(e.info.nbytes for e in view.layer(i)) for i in range(view.sizes["layers"])]
+    largest_global = max(e.info.nbytes for e in view.globals())
+    root = sum(e.info.nbytes for e in view.globals() if "." not in e.name)  # timm's class token and positions
+    assert 0 < imp.peak_param_bytes <= max(max(per_layer), largest_global) + root
+    assert imp.peak_param_bytes < sum(e.info.nbytes for e in view.entries) / 2
+
+
+def test_scores_are_saved_and_reused(model_dir, tmp_path):
+    src, scores = model_dir("qwen2"), tmp_path / "scores.safetensors"
+    with pytest.warns(UserWarning, match="random tokens"):
+        first = grow.shrink(src, tmp_path / "a", method="subclone", hidden=32, ffn=48, scores=scores,
+                            calibration_tokens=256)
+    assert scores.is_file()
+    before = scores.stat().st_mtime_ns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reused scores: no calibration, so no random-token warning
+        second = grow.shrink(src, tmp_path / "b", method="subclone", hidden=32, ffn=48, scores=scores,
+                             calibration_tokens=512)
+    assert scores.stat().st_mtime_ns == before
+    assert load_file(str(tmp_path / "a" / "model.safetensors")).keys() == load_file(str(tmp_path / "b" / "model.safetensors")).keys()
+    for name, t in load_file(str(tmp_path / "a" / "model.safetensors")).items():
+        assert torch.equal(t, load_file(str(tmp_path / "b" / "model.safetensors"))[name])
+    assert first["target_parameters"] == second["target_parameters"]
+    with pytest.raises(grow.UsageError, match="--scores .* another shape"):
+        grow.shrink(model_dir("llama"), tmp_path / "c", method="subclone", hidden=32, scores=scores)
+
+
+BAD = [
+    ("llama", ["--hidden", "144"], "--hidden must be a whole number from 1 to the source's 72"),
+    ("llama", ["--layers", "0"], "--layers must be a whole number from 1"),
+    ("llama", ["--heads", "8"], "8 query heads cannot be shared among 3 kv heads"),
+    ("llama", ["--heads", "8", "--kv-heads", "2"], "a source kv head serves only 3"),
+    ("llama", ["--kv-heads", "4"], "--kv-heads must be a whole number from 1 to the source's 3"),
+    ("llama_mqa", ["--kv-heads", "2"], "--kv-heads must be a whole number from 1 to the source's 1"),
+    ("gpt2", ["--hidden", "24"], "needs --heads 2"),
+    ("gpt2", ["--hidden", "30", "--heads", "2"], "not a multiple of the head size 12"),
+    ("vit", ["--kv-heads", "1"], "--kv-heads does not apply"),
+    ("llama", [], "nothing to shrink"),
+    ("llama", ["--hidden", "36", "--element-selection", "best"], "--element-selection best is not one of"),
+    ("llama", ["--layers", "1", "--layer-selection", "last"], "--layer-selection last is not one of"),
+    ("llama", ["--method", "subclone", "--layers", "1", "--layer-selection", "first"], "--layer-selection does not apply"),
+    ("llama", ["--method", "select", "--hidden", "36", "--scores", "x"], "--scores does not apply"),
+    ("llama", ["--method", "prune", "--hidden", "36"], "--method prune is not a way to shrink"),
+]
+
+
+@pytest.mark.parametrize("kind,args,message", BAD)
+def test_impossible_sizes_exit_2(model_dir, kind, args, message):
+    result = runner.invoke(app, ["shrink", str(model_dir(kind)), "--dry-run", *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+
+
+def test_cli_dry_run_and_recipe(model_dir, tmp_path):
+    src, dst = model_dir("mistral"), tmp_path / "out"
+    result = runner.invoke(app, ["shrink", str(src), str(dst), "--dry-run", "--json", "--hidden", "32", "--layers", "1"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["target_sizes"]["hidden"] == 32 and plan["target_sizes"]["layers"] == 1
+    assert any("uniform 32 of 64" in t["recipe"] for t in plan["tensors"])
+    assert not dst.exists()
+    result = runner.invoke(app, ["shrink", str(src), str(dst), "--json", "--heads", "4", "--kv-heads", "1",
+                                 "--element-selection", "random", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((dst / "grow.json").read_text())
+    assert recipe["options"]["element_selection"] == "random" and recipe["options"]["seed"] == 3
+    assert recipe["target"]["sizes"]["kv_heads"] == 1
+    result = runner.invoke(app, ["verify", str(src), str(dst), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == "select" and "kl" in report["baseline_random_init"]
+
+
+# ---- training evidence ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    """A small Llama trained on the standard library, with its BPE tokenizer (built once per session)."""
+    import trained_models as T
+
+    return T.build_trained(tmp_path_factory.mktemp("trained"), T.TEST)
+
+
+SMALL = dict(hidden=32, ffn=96, heads=2, kv_heads=1, layers=2)  # from 64 / 192 / 4 / 2 / 4
+FINETUNE_STEPS = 100
+
+
+def test_shrunk_models_train_better_than_random_init(trained_dir, tmp_path):
+    import transformers
+    import trained_models as T
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(trained_dir))
+    held_out, stream = T.held_out(tok, T.TEST), T.training_stream(trained_dir, T.TEST)
+    source_loss = T.loss(load_model(trained_dir, "transformers"), held_out)
+    finals, starts = {}, {}
+    for method in ("select", "subclone"):
+        dst = tmp_path / method
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the tokenizer is there: calibration must use real tokens
+            extra = {"calibration_tokens": 4096} if method == "subclone" else {}
+            grow.shrink(trained_dir, dst, method=method, **extra, **SMALL)
+        result = runner.invoke(app, ["verify", str(trained_dir), str(dst), "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["loss_source"] < report["loss_target"] < report["baseline_random_init"]["loss"]
+        assert report["kl"] < report["baseline_random_init"]["kl"]
+        model = load_model(dst, "transformers")
+        starts[method] = T.loss(model, held_out)
+        T.train(model, stream, T.TEST, FINETUNE_STEPS, seed=1)
+        finals[method] = T.loss(model, held_out)
+    torch.manual_seed(1)
+    random_init = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(dst)))
+    starts["random"] = T.loss(random_init, held_out)
+    T.train(random_init, stream, T.TEST, FINETUNE_STEPS, seed=1)
+    finals["random"] = T.loss(random_init, held_out)
+    print(f"\nsource {source_loss:.3f}; step 0: {starts}; after {FINETUNE_STEPS} steps: {finals}")
+    assert source_loss < finals["random"] - 0.5  # the source learned something worth keeping
+    for method in ("select", "subclone"):
+        assert starts[method] < starts["random"] - 0.5, (method, starts)
+        assert finals[method] < finals["random"] - 0.3, (method, finals)
+
+
+def test_calibration_inputs(trained_dir, model_dir, tmp_path):
+    """Text through the source's own tokenizer from a file or folder; images from a folder for timm;
+    a calibration file for a model without a tokenizer is refused."""
+    import sysconfig
+
+    from PIL import Image
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    view = ModelView(Source(trained_dir))
+    ids, description, notes = calibrate.token_batch(view, stdlib / "argparse.py", 512)
+    assert ids.shape == (4, 128) and "argparse.py" in description and not notes
+    assert ids.max() < view.sizes["vocab"] and len(ids.unique()) > 100  # real text, not one repeated token
+    folder = tmp_path / "text"
+    folder.mkdir()
+    (folder / "a.txt").write_text((stdlib / "bisect.py").read_text())
+    plan = subclone.build(view, ffn=96, calibration=folder, calibration_tokens=256)
+    assert plan.options["calibration"] == str(folder) and plan.options["calibration_tokens"] == 256
+    assert any(str(folder) in n for n in plan.notes)
+    with pytest.raises(grow.UsageError, match="--calibration needs the source's tokenizer"):
+        calibrate.token_batch(ModelView(Source(model_dir("llama"))), folder, 512)
+    images = tmp_path / "images"
+    images.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for k in range(3):
+        pixels = (torch.rand(40, 40, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(images / f"{k}.png")
+    x, description, notes = calibrate.image_batch(ModelView(Source(model_dir("vit"))), images, 10_000)
+    assert x.shape == (3, 3, 32, 32) and "3 images" in description and not notes
+    assert -1.01 <= x.min() and x.max() <= 1.01  # normalised with the model's mean and std
+
+
+def test_cli_warns_about_random_calibration_tokens(model_dir, tmp_path):
+    args = ["shrink", str(model_dir("llama")), "--method", "subclone", "--hidden", "36", "--dry-run",
+            "--calibration-tokens", "256"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "warning: the source has no tokenizer" in " ".join(result.stderr.split())
+    assert "random tokens" in result.stdout  # also a note of the plan
+    quiet = runner.invoke(app, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
