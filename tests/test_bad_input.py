@@ -158,7 +158,6 @@ def _cli(*args, **kw):
 @pytest.fixture(scope="module")
 def big_src(tmp_path_factory):
     """A Llama large enough (about 100 MB out) that writing it takes a noticeable time."""
-    from tiny_models import save_language_model  # noqa: F401  (same factory, bigger config)
     import torch
     import transformers as tf
 

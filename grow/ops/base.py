@@ -85,19 +85,21 @@ def target_config(view: ModelView, target_sizes: dict[str, int], dtype: str | No
     return cfg
 
 
-def relayer_config(view: ModelView, cfg: dict, layer_src: list[int]) -> dict:
-    """Rebuild the config entries that depend on depth, for target layer i copying source layer layer_src[i]:
-    per-layer lists take the entry of the copied layer; layer counts (the first N layers are special)
-    become the number of target layers copied from those N."""
-    for key in view.spec.per_layer_keys:
-        values = get_path(cfg, key)
-        if isinstance(values, list) and len(values) == view.sizes["layers"]:
-            set_path(cfg, key, [values[j] for j in layer_src])
-    for key in view.spec.layer_count_keys:
-        count = get_path(cfg, key)
+def depth_config(view: ModelView, config: dict, layer_src: list[int]) -> dict:
+    """Rebuild the config entries that hold one value per layer, and the ones that count layers, for a
+    model whose layer i derives from source layer layer_src[i]."""
+    spec = view.spec
+    for key in spec.per_layer_keys:
+        values = get_path(config, key)
+        if isinstance(values, list):
+            set_path(config, key, [values[j] for j in layer_src])
+    for key in spec.layer_count_keys:
+        count = get_path(config, key)
         if isinstance(count, int) and not isinstance(count, bool):
-            set_path(cfg, key, sum(1 for j in layer_src if j < count))
-    return cfg
+            layers = view.sizes["layers"]
+            # a count covering every source layer keeps covering every layer; otherwise count the layers below it
+            set_path(config, key, max(count, len(layer_src)) if count >= layers else sum(j < count for j in layer_src))
+    return config
 
 
 def check_heads(view: ModelView, sizes: dict[str, int]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.spec import ArchSpec, get_path, set_path
+from ..arch.spec import ArchSpec
 from ..arch.view import ModelView
 from ..errors import UsageError
 
@@ -107,23 +107,6 @@ def spread_layers(layers: int, new_layers: int) -> list[tuple[int, bool]]:
         out.append((i, False))
         out += [(i, True)] * ((i + 1) * extra // layers - i * extra // layers)
     return out
-
-
-def depth_config(view: ModelView, config: dict, layer_src: list[int]) -> dict:
-    """Rebuild the config entries that hold one value per layer, and the ones that count layers, for a
-    model whose layer i derives from source layer layer_src[i]."""
-    spec = view.spec
-    for key in spec.per_layer_keys:
-        values = get_path(config, key)
-        if isinstance(values, list):
-            set_path(config, key, [values[j] for j in layer_src])
-    for key in spec.layer_count_keys:
-        count = get_path(config, key)
-        if isinstance(count, int) and not isinstance(count, bool):
-            layers = view.sizes["layers"]
-            # a count covering every source layer keeps covering every layer; otherwise count the layers below it
-            set_path(config, key, max(count, len(layer_src)) if count >= layers else sum(j < count for j in layer_src))
-    return config
 
 
 def layer_module(spec: ArchSpec, layer: int) -> str:

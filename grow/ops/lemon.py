@@ -17,8 +17,8 @@ import torch
 from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan
-from .base import mapped_recipe, target_config, tensor_seed
-from .growth import depth_config, grouped_heads, spread_layers, target_sizes, unequal_split
+from .base import depth_config, mapped_recipe, target_config, tensor_seed
+from .growth import grouped_heads, spread_layers, target_sizes, unequal_split
 from .maps import WidthMap, per_head
 
 NORM_ROLES = ("norm", "final_norm", "qk_norm")

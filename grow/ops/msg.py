@@ -14,8 +14,8 @@ from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan, TensorRecipe
 from ..runtime.masks import MASKS_FILE
-from .base import mapped_recipe, output_dtype, target_config, tensor_seed
-from .growth import appended, depth_config, layer_module, spread_layers, target_sizes
+from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed
+from .growth import appended, layer_module, spread_layers, target_sizes
 from .maps import WidthMap, per_head
 
 INIT_STD = 0.02

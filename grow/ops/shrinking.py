@@ -10,7 +10,7 @@ import torch
 from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
-from .base import check_heads, mapped_recipe, relayer_config, target_config
+from .base import check_heads, depth_config, mapped_recipe, target_config
 from .maps import WidthMap, per_head, select
 
 OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
@@ -105,7 +105,7 @@ def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: li
         if name != e.name:
             note = ", ".join(filter(None, [f"from layer {e.layer}", note]))
         recipes.append(mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, note=note))
-    config = relayer_config(view, target_config(view, t, dtype), layer_src)
+    config = depth_config(view, target_config(view, t, dtype), layer_src)
     return Plan(operation="shrink", method=method, exact=False, architecture=view.architecture, config=config,
                 recipes=recipes, source_sizes=view.sizes, target_sizes=t, options=options, notes=notes)
 

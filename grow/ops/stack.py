@@ -8,8 +8,7 @@ from __future__ import annotations
 from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
-from .base import mapped_recipe, target_config
-from .growth import depth_config
+from .base import depth_config, mapped_recipe, target_config
 
 
 def build(view: ModelView, *, layers=None, dtype: str | None = None) -> Plan:
