@@ -125,7 +125,8 @@ def _render_verification(r: dict) -> None:
     keys = ["method", "exact_expected", "max_abs_diff", "rel_error", "top1_agreement", "kl", "loss_source", "loss_target"]
     rows = [(k, r[k]) for k in keys if r.get(k) is not None]
     for k, v in (r.get("baseline_random_init") or {}).items():
-        rows.append((f"random init: {k}", v))
+        if v is not None:
+            rows.append((f"random init: {k}", v))
     rows.append(("passed", r["passed"]))
     out.print(_table(f"verify {r['target']}", rows))
 
