@@ -69,7 +69,7 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
     }
 
 
-def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 256) -> float | None:
+def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024) -> float | None:
     """Next-token loss on a fixed passage of the Python standard library, when a tokenizer is there."""
     try:
         import transformers
