@@ -7,7 +7,7 @@ import resource
 from pathlib import Path
 from typing import Callable
 
-from . import ops, recipes
+from . import calibrate, ops, recipes
 from .arch.view import ModelView
 from .checkpoint import DTYPES, Source
 from .errors import GrowError, UsageError, VerificationFailed
@@ -45,7 +45,12 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
     for key, value in options.items():
         if value is not None and key not in accepted:
             raise UsageError(f"--{key.replace('_', '-')} does not apply to --method {method}.")
-    return builder(view, **{k: v for k, v in options.items() if v is not None})
+    options = {k: v for k, v in options.items() if v is not None}
+    if "importance" in accepted and "importance" not in options:  # a data-driven builder: measuring reads (and may save) files, so it happens here
+        options["importance"] = calibrate.importance(
+            view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
+            scores=options.get("scores"), seed=options.get("seed", 0))
+    return builder(view, **options)
 
 
 def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,

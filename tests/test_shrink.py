@@ -213,7 +213,7 @@ def test_subclone_ranks_by_activation(model_dir, tmp_path):
         assert torch.all(ffn[1::2] == 0) and torch.all(ffn[0::2] > 0)
         heads = imp.head_scores(layer, 8)
         assert torch.all(heads[3:6] == 0) and torch.all(heads[:3] > 0) and torch.all(heads[6:] > 0)
-    plan = _quiet(subclone.build, view, ffn=56, heads=6, kv_heads=2, hidden=48, calibration_tokens=256)
+    plan = subclone.build(view, importance=imp, ffn=56, heads=6, kv_heads=2, hidden=48, calibration_tokens=256)
     by_name = {r.name: r for r in plan.recipes}
     down = by_name["model.layers.0.mlp.down_proj.weight"]
     assert set(down.axes[1].index.tolist()) == keep
@@ -391,7 +391,8 @@ def test_calibration_inputs(trained_dir, model_dir, tmp_path):
     folder = tmp_path / "text"
     folder.mkdir()
     (folder / "a.txt").write_text((stdlib / "bisect.py").read_text())
-    plan = subclone.build(view, ffn=96, calibration=folder, calibration_tokens=256)
+    imp = calibrate.importance(view, calibration=folder, tokens=256)
+    plan = subclone.build(view, importance=imp, ffn=96, calibration=folder, calibration_tokens=256)
     assert plan.options["calibration"] == str(folder) and plan.options["calibration_tokens"] == 256
     assert any(str(folder) in n for n in plan.notes)
     with pytest.raises(grow.UsageError, match="--calibration needs the source's tokenizer"):

@@ -23,12 +23,14 @@ def middle_removed(n: int, k: int) -> list[int]:
     return list(range(first)) + list(range(n - (k - first), n))
 
 
-def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, calibration=None,
-          calibration_tokens: int = calibrate.DEFAULT_TOKENS, scores=None, seed: int = 0,
+def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
+          layers=None, calibration=None, calibration_tokens=None, scores=None, seed: int = 0,
           dtype: str | None = None) -> Plan:
+    """`importance` is measured by the caller (grow.api runs grow.calibrate), so that this builder
+    stays a pure function; calibration, calibration_tokens and scores are only recorded."""
     s = view.sizes
     t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
-    imp = calibrate.importance(view, calibration=calibration, tokens=calibration_tokens, scores=scores, seed=seed)
+    imp = importance
     layer_src = middle_removed(s["layers"], t["layers"])
 
     global_maps: dict[str, WidthMap] = {}
