@@ -68,6 +68,7 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     if view.spec.framework == "timm":
         shard_bytes = None  # timm's local-dir loader reads a single weights file
     plan = _build(methods[method], view, method, options)
+    plan.check_rounding(source)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
     if dry_run:
         return result

@@ -83,6 +83,21 @@ class TensorRecipe:
     def nbytes(self) -> int:
         return tensor_nbytes(self.dtype, self.shape)
 
+    def rounds(self, source_dtypes: list[str]) -> bool:
+        """Whether writing this tensor in its dtype rounds what the recipe computes from its sources:
+        a dtype narrower than a source's, or 16-bit output of arithmetic other than power-of-two scaling."""
+        if not self.sources:
+            return False  # new values reproduce nothing
+        widening = {("BF16", "F32"), ("F16", "F32"), ("BF16", "F64"), ("F16", "F64"), ("F32", "F64")}
+        if any(d != self.dtype and (d, self.dtype) not in widening for d in source_dtypes):
+            return True
+        if self.dtype not in ("BF16", "F16"):
+            return False
+        if self.noise is not None or any(m is not None and m.mix is not None for m in self.axes):
+            return True
+        return not _powers_of_two([(k, m.scale) for k, m in enumerate(self.axes) if m is not None and m.scale is not None],
+                                  self.scale)
+
     def describe(self) -> str:
         parts = [" + ".join(self.sources) if self.sources else f"new {self.init}"]
         parts += [f"axis {k}: {m.label}" for k, m in enumerate(self.axes) if m is not None and m.label]
@@ -262,6 +277,14 @@ class Plan:
     @property
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.recipes)
+
+    def check_rounding(self, source: Source) -> None:
+        """An exact method stops being exact where the output dtype rounds what it computes: say so."""
+        rounded = [r.name for r in self.recipes if r.rounds([source.tensors[n].dtype for n in r.sources])]
+        if self.exact and rounded:
+            self.exact = False
+            self.notes.append(f"not exact: {len(rounded)} tensors (e.g. {rounded[0]}) round in 16 bits; "
+                              "use --dtype float32 for an exact model.")
 
     def recipe_record(self, source: Source) -> dict:
         return {

@@ -81,3 +81,21 @@ def test_bf16_source_and_dtype_option(tmp_path):
     grow.expand(src, out32, factor=2, dtype="float32", verify=True)
     assert grow.inspect(out32)["dtype"] == "float32"
     assert json.loads((out32 / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def test_16_bit_rounding_is_not_claimed_exact(model_dir, tmp_path):
+    """Where the output dtype must round what an exact method computes, the plan says so and verify
+    reports instead of failing; in float32 the same growth is exact."""
+    from tiny_models import save_language_model
+
+    src = save_language_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    for method, options in [("hypercloning", {"factor": 3}), ("hypercloning", {"factor": 2, "noise_snr_db": 20.0}),
+                            ("lemon", {"hidden": 108})]:
+        plan = grow.expand(src, method=method, dry_run=True, **options)["plan"]
+        assert plan["exact"] is False and any("round in 16 bits" in n for n in plan["notes"]), (method, options)
+    report = grow.expand(src, tmp_path / "x3", factor=3, verify=True)["verification"]
+    assert report["exact_expected"] is False and report["passed"] and report["rel_error"] > 1e-4
+    assert grow.expand(src, tmp_path / "x3f", factor=3, dtype="float32", verify=True)["verification"]["rel_error"] <= 1e-4
+    assert grow.expand(src, dry_run=True, factor=2)["plan"]["exact"] is True  # halving rounds nothing
+    narrowed = grow.expand(model_dir("llama"), dry_run=True, factor=2, dtype="bfloat16")["plan"]
+    assert narrowed["exact"] is False  # float32 weights written as bfloat16

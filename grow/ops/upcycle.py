@@ -132,9 +132,6 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
     sparse = parse_moe_layers(moe_layers, L)
     dense_cfg = _dense_layer_config(fmt, moe_layers, sparse, L)
     noisy = bool(expert_noise)
-    # times G is exact in any float format only for powers of two; otherwise 16-bit weights round
-    rounded = G & (G - 1) != 0 and any(
-        output_dtype(dtype, e.info.dtype) in ("BF16", "F16") for e in view.entries if fmt.dense.get("down") == e.spec.pattern)
     tie_broken = router == "zero" and G > 1
 
     by_pattern: dict[tuple[str, int | None], Entry] = {(e.spec.pattern, e.layer): e for e in view.entries}
@@ -221,11 +218,8 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
     if tie_broken:
         notes.append("not exact: a zero router ties every group, and which shards top-k then picks depends on how it "
                      "breaks ties; use --router random for an exact fine-grained model.")
-    if rounded:
-        notes.append(f"not exact: the down projections times {G} round in 16 bits; use --dtype float32 or a "
-                     "granularity that is a power of two for an exact model.")
     return Plan(
-        operation="upcycle", method="moe", exact=renorm and not noisy and not tie_broken and not rounded,
+        operation="upcycle", method="moe", exact=renorm and not noisy and not tie_broken,
         architecture=fmt.architecture, config=cfg, recipes=recipes, source_sizes=s, target_sizes=dict(s),
         options={"experts": E, "top_k": k, "granularity": G, "shared_expert": shared_expert, "format": fmt.name,
                  "router": router, "router_std": router_std, "expert_noise": expert_noise,
