@@ -209,3 +209,24 @@ def test_full_disk_leaves_nothing(big_src, tmp_path):
         if mounted:
             subprocess.run(["umount", str(mnt)])
     assert digest(big_src) == before
+
+
+@pytest.mark.parametrize("call", [
+    lambda src: __import__("grow").expand(src, dry_run=True, factor="two"),
+    lambda src: __import__("grow").expand(src, dry_run=True, method="lemon", hidden="wide"),
+    lambda src: __import__("grow").expand(src, dry_run=True, method="stack", layers=2.5),
+    lambda src: __import__("grow").shrink(src, dry_run=True, hidden="sixty"),
+    lambda src: __import__("grow").upcycle(src, dry_run=True, experts="eight", top_k=2),
+])
+def test_non_numeric_sizes_from_python_or_recipes_are_usage_errors(model_dir, call):
+    import grow
+
+    with pytest.raises(grow.UsageError, match="must be a whole number"):
+        call(model_dir("llama"))
+
+
+def test_shrink_refuses_sizes_transformers_would_refuse(model_dir, tmp_path):
+    """A Llama's hidden size must be a multiple of its heads (transformers checks it on load)."""
+    r = runner.invoke(app, ["shrink", str(model_dir("llama")), str(tmp_path / "s"), "--hidden", "70"])
+    assert_refused(r, 2, "--hidden 63")
+    assert not (tmp_path / "s").exists()

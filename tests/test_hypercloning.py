@@ -99,3 +99,11 @@ def test_16_bit_rounding_is_not_claimed_exact(model_dir, tmp_path):
     assert grow.expand(src, dry_run=True, factor=2)["plan"]["exact"] is True  # halving rounds nothing
     narrowed = grow.expand(model_dir("llama"), dry_run=True, factor=2, dtype="bfloat16")["plan"]
     assert narrowed["exact"] is False  # float32 weights written as bfloat16
+
+
+def test_single_head_vit_grows_its_heads(tmp_path):
+    from tiny_models import save_vit
+
+    src = save_vit(tmp_path / "vit1", embed_dim=16, num_heads=1)
+    result = grow.expand(src, tmp_path / "out", factor=2, verify=True)
+    assert result["verification"]["passed"] and result["plan"]["target_sizes"]["heads"] == 2

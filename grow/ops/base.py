@@ -16,6 +16,28 @@ from .maps import WidthMap, concat, identity
 DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
 
+SIZE_OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
+
+
+def whole_number(value, option: str, least: int = 1, hint: str = "", most: int | None = None) -> int:
+    """An option that must be a whole number (2 and 2.0 both are), as an int; anything else is one sentence."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer()
+            or value < least or (most is not None and value > most)):
+        bounds = f"of at least {least}" if most is None else f"from {least} to {most}"
+        raise UsageError(f"{option} must be a whole number {bounds}, not {value!r}{hint}.")
+    return int(value)
+
+
+def check_size_rules(view: ModelView, t: dict[str, int], grow: bool) -> None:
+    """Rules the framework itself enforces on a config (spec size_checks), with a size that would work."""
+    failed = view.spec.failed_checks(view.architecture, t)
+    if failed:
+        sizes = ", ".join(f"{k}={t[k]}" for k in SIZE_OPTIONS)
+        fit = (-(-t["hidden"] // t["heads"]) if grow else t["hidden"] // t["heads"]) * t["heads"]
+        raise UsageError(f"{view.architecture} requires {' and '.join(failed)}, which {sizes} break; "
+                         f"e.g. --hidden {fit} fits --heads {t['heads']}.")
+
+
 def output_dtype(dtype: str | None, entry_dtype: str) -> str:
     if dtype is None:
         return entry_dtype

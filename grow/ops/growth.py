@@ -8,21 +8,16 @@ import torch
 from ..arch.spec import ArchSpec
 from ..arch.view import ModelView
 from ..errors import UsageError
+from .base import SIZE_OPTIONS as OPTIONS
+from .base import check_size_rules, whole_number
 
-OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
-
-
-def _whole(value, option: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
-        raise UsageError(f"{option} must be a whole number of at least 1, not {value!r}.")
-    return int(value)
 
 
 def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:
     """The source sizes with the given ones grown; heads keep the query heads per kv head, and where the
     architecture has hidden = heads x head_dim, the one left out follows the other."""
     s = view.sizes
-    given = {k: _whole(v, OPTIONS[k]) for k, v in given.items() if v is not None}
+    given = {k: whole_number(v, OPTIONS[k]) for k, v in given.items() if v is not None}
     for k, v in given.items():
         if v < s[k]:
             raise UsageError(f"{OPTIONS[k]} {v} is smaller than the source's {s[k]}; --method {method} only grows "
@@ -64,11 +59,7 @@ def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:
                 f"--hidden {t['hidden']} with --heads {t['heads']} does not fit a {view.spec.family} model, where "
                 f"hidden = heads x head_dim ({head_dim}); use e.g. --hidden {t['heads'] * head_dim} "
                 f"--heads {t['heads']}.")
-    failed = view.spec.failed_checks(view.architecture, t)
-    if failed:
-        sizes = ", ".join(f"{k}={t[k]}" for k in OPTIONS)
-        raise UsageError(f"{view.architecture} requires {' and '.join(failed)}, which {sizes} break; "
-                         f"e.g. --hidden {-(-t['hidden'] // t['heads']) * t['heads']} fits --heads {t['heads']}.")
+    check_size_rules(view, t, grow=True)
     return t
 
 

@@ -6,19 +6,13 @@ stays, a single kv head stays single); every reader of a tiled space divides by 
 from __future__ import annotations
 
 from ..arch.view import ModelView
-from ..errors import UsageError
 from ..plan import Plan
-from .base import check_heads, mapped_recipe, target_config
+from .base import check_heads, mapped_recipe, target_config, whole_number
 from .maps import WidthMap, per_head, tile
 
 
 def _factor(value, option: str) -> int:
-    if value is None or isinstance(value, bool) or not float(value).is_integer() or int(value) < 2:
-        raise UsageError(
-            f"{option} must be a whole number of at least 2 for HyperCloning, not {value}; "
-            "for other sizes use --method lemon."
-        )
-    return int(value)
+    return whole_number(value, option, 2, hint="; HyperCloning grows by whole factors, for other sizes use --method lemon")
 
 
 def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float | None = None, seed: int = 0,
@@ -29,7 +23,9 @@ def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float 
     t = dict(s)
     t["hidden"] = s["hidden"] * n
     t["heads"] = s["heads"] * n
-    t["kv_heads"] = 1 if s["kv_heads"] == 1 else s["kv_heads"] * n
+    # a single kv head serves every query head as it is (MQA), unless each head has its own (GPT-2, ViT)
+    single_kv = s["kv_heads"] == 1 and view.spec.sizes["kv_heads"].key is not None
+    t["kv_heads"] = 1 if single_kv else s["kv_heads"] * n
     t["ffn"] = s["ffn"] * m
     check_heads(view, t)
 
@@ -38,7 +34,7 @@ def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float 
         "q": per_head(tile(s["heads"], n), s["head_dim"]),
         "ffn": tile(s["ffn"], m),
     }
-    if s["kv_heads"] > 1:  # a single kv head serves every query head as it is
+    if not single_kv:
         maps["kv"] = per_head(tile(s["kv_heads"], n), s["head_dim"])
 
     recipes = []

@@ -10,10 +10,10 @@ import torch
 from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
-from .base import check_heads, depth_config, mapped_recipe, target_config
+from .base import SIZE_OPTIONS as OPTIONS
+from .base import check_heads, check_size_rules, depth_config, mapped_recipe, target_config, whole_number
 from .maps import WidthMap, per_head, select
 
-OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_heads": "--kv-heads", "layers": "--layers"}
 
 
 def target_sizes(view: ModelView, **asked) -> dict[str, int]:
@@ -26,10 +26,7 @@ def target_sizes(view: ModelView, **asked) -> dict[str, int]:
     t = dict(s)
     for key, value in given.items():
         option = OPTIONS[key]
-        if isinstance(value, bool) or not float(value).is_integer() or not 1 <= int(value) <= s[key]:
-            raise UsageError(f"{option} must be a whole number from 1 to the source's {s[key]}, not {value}; "
-                             "shrinking cannot make a size larger.")
-        t[key] = int(value)
+        t[key] = whole_number(value, option, 1, "; shrinking cannot make a size larger than the source's", most=s[key])
     kv_implied = view.spec.sizes["kv_heads"].key is None
     if kv_implied:  # every head has its own k and v (GPT-2, ViT): kv heads are the heads
         if "kv_heads" in given and given["kv_heads"] != t["heads"]:
@@ -47,6 +44,7 @@ def target_sizes(view: ModelView, **asked) -> dict[str, int]:
     if t["kv_heads"] > s["kv_heads"]:
         raise UsageError(f"--kv-heads must be at most the source's {s['kv_heads']}, not {t['kv_heads']}.")
     check_heads(view, t)
+    check_size_rules(view, t, grow=False)
     group, new_group = s["heads"] // s["kv_heads"], t["heads"] // t["kv_heads"]
     if new_group > group:
         raise UsageError(

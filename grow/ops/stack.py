@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
-from .base import depth_config, mapped_recipe, target_config
+from .base import depth_config, mapped_recipe, target_config, whole_number
 
 
 def build(view: ModelView, *, layers=None, dtype: str | None = None) -> Plan:
@@ -16,9 +16,7 @@ def build(view: ModelView, *, layers=None, dtype: str | None = None) -> Plan:
     if layers is None:
         raise UsageError("--method stack needs --layers, the new depth (larger than the source's "
                          f"{s['layers']}).")
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers <= s["layers"]:
-        raise UsageError(f"--layers {layers} must be a whole number larger than the source's {s['layers']} "
-                         "for --method stack.")
+    layers = whole_number(layers, "--layers", s["layers"] + 1, hint=f"; --method stack needs a depth larger than the source's {s['layers']}")
     t = dict(s, layers=layers)
     layer_src = [i % s["layers"] for i in range(layers)]
     recipes = [mapped_recipe(view, e, {}, dtype=dtype) for e in view.globals()

@@ -19,16 +19,10 @@ from ..arch.moe import MoeFormat, moe_formats
 from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import AxisMap, Init, Noise, Plan, TensorRecipe
-from .base import mapped_recipe, output_dtype, target_config, tensor_seed
+from .base import mapped_recipe, output_dtype, target_config, tensor_seed, whole_number
 from .maps import WidthMap, select
 
 ROUTERS = ("random", "zero")
-
-
-def _whole(value, option: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer() or value < least:
-        raise UsageError(f"{option} must be a whole number of at least {least}, not {value}.")
-    return int(value)
 
 
 def choose_format(view: ModelView, name: str | None) -> MoeFormat:
@@ -100,9 +94,9 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
     fmt = choose_format(view, format)
     if experts is None or top_k is None:
         raise UsageError("upcycle needs --experts and --top-k.")
-    E = _whole(experts, "--experts", 2)
-    k = _whole(top_k, "--top-k", 1)
-    G = _whole(granularity, "--granularity", 1)
+    E = whole_number(experts, "--experts", 2)
+    k = whole_number(top_k, "--top-k", 1)
+    G = whole_number(granularity, "--granularity", 1)
     if k > E:
         raise UsageError(f"--top-k {k} exceeds --experts {E}; a token cannot use more experts than there are.")
     if E % G:
