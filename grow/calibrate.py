@@ -85,6 +85,7 @@ class _Loader:
 
     def __init__(self, model: torch.nn.Module, view: ModelView):
         self.source = view.source
+        self.spec = view.spec
         self.live = 0
         self.peak = 0
         self.handles = []
@@ -101,7 +102,7 @@ class _Loader:
         for pname, p in module._parameters.items():
             if p is None:
                 continue
-            full = f"{prefix}.{pname}" if prefix else pname
+            full = self.spec.tensor_name(f"{prefix}.{pname}" if prefix else pname)
             if full not in self.source.tensors:
                 raise GrowError(f"the checkpoint has no tensor {full}, which the {type(module).__name__} module needs.")
             t = self.source.get(full).to(torch.float32)
@@ -139,12 +140,6 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _block_name(view: ModelView, layer: int) -> str:
-    """The module holding one layer: the part of the per-layer tensor names up to the layer index."""
-    pattern = next(t.pattern for t in view.spec.tensors if t.per_layer)
-    return pattern[: pattern.index("{i}")] + str(layer)
-
-
 def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
     """(layer, space) -> module whose input is that space: the Linears reading FFN units or heads."""
     out = {}
@@ -154,7 +149,7 @@ def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
             continue
         spaces = spec.axes[spec.reads]
         if len(spaces) == 1 and spaces[0] in ("ffn", "q"):
-            out[(e.layer, spaces[0])] = e.name.removesuffix(".weight")
+            out[(e.layer, spaces[0])] = view.spec.module_path(e.name.removesuffix(".weight"))
     return out
 
 
@@ -170,9 +165,9 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
     def on_input(_m, args, kwargs):
         hidden.add(args[0] if args else kwargs["hidden_states"])
 
-    hooks.append(model.get_submodule(_block_name(view, 0)).register_forward_pre_hook(on_input, with_kwargs=True))
+    hooks.append(model.get_submodule(view.spec.layer_module(0)).register_forward_pre_hook(on_input, with_kwargs=True))
     for i in range(layers):
-        hooks.append(model.get_submodule(_block_name(view, i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
+        hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
     for key, name in _unit_readers(view).items():
         hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
     try:

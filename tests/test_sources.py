@@ -110,6 +110,13 @@ def test_original_gpt2_names_and_old_buffers(model_dir, tmp_path):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "wte.weight" in names and "h.0.attn.c_attn.weight" in names and "h.0.attn.bias" not in names
+    # operators that reach into the model's modules (MSG masks, subcloning's calibration) find them too
+    msg = grow.expand(src, tmp_path / "msg", method="msg", ffn=256, layers=3, verify=True)
+    assert msg["verification"]["passed"] and msg["verification"]["rel_error"] <= 1e-4
+    masks = json.loads((tmp_path / "msg" / "msg_masks.json").read_text())
+    assert all(m.startswith("transformer.") for g in masks["growths"] for m in g["modules"])
+    shrunk = grow.shrink(src, tmp_path / "sub", method="subclone", ffn=96, calibration_tokens=128, verify=True)
+    assert shrunk["verification"]["passed"]
 
 
 def test_llama_with_saved_rotary_buffers(model_dir, tmp_path):

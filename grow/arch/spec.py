@@ -74,6 +74,8 @@ class ArchSpec:
         self.per_layer_keys: list[str] = data.get("per_layer", [])
         self.layer_count_keys: list[str] = data.get("layer_counts", [])
         self.optional_prefix: str = data.get("optional_prefix", "")
+        # the prefix the model's module paths have but this checkpoint's tensor names lack (see for_names)
+        self.module_prefix: str = data.get("module_prefix", "")
         # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
         self.size_checks: dict[str, list[str]] = data.get("size_checks", {})
         self.tensors = [self._tensor(t) for t in data["tensors"]]
@@ -93,10 +95,23 @@ class ArchSpec:
         p = self.optional_prefix
         if not p or any(n.startswith(p) for n in names):
             return self
-        data = dict(self.data, optional_prefix="")
+        data = dict(self.data, optional_prefix="", module_prefix=p)
         data["tensors"] = [dict(t, name=t["name"].removeprefix(p)) for t in data["tensors"]]
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
         return ArchSpec(data, self.file)
+
+    def module_path(self, name: str) -> str:
+        """Where a tensor (or the module named by a tensor name without its suffix) lives in the model."""
+        return self.module_prefix + name
+
+    def tensor_name(self, path: str) -> str:
+        """The checkpoint's name for the parameter at a module path (the inverse of module_path)."""
+        return path.removeprefix(self.module_prefix)
+
+    def layer_module(self, layer: int) -> str:
+        """The module path of one block, e.g. model.layers.3: the per-layer tensor names up to the index."""
+        pattern = next(t.pattern for t in self.tensors if t.per_layer)
+        return self.module_path(pattern[: pattern.index("{i}")] + str(layer))
 
     # ---- tensors -------------------------------------------------------------------------
     def match(self, name: str) -> tuple[TensorSpec, int | None] | None:

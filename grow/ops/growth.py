@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.spec import ArchSpec
 from ..arch.view import ModelView
 from ..errors import UsageError
 from .base import SIZE_OPTIONS as OPTIONS
@@ -98,9 +97,3 @@ def spread_layers(layers: int, new_layers: int) -> list[tuple[int, bool]]:
         out.append((i, False))
         out += [(i, True)] * ((i + 1) * extra // layers - i * extra // layers)
     return out
-
-
-def layer_module(spec: ArchSpec, layer: int) -> str:
-    """The module path of one block, e.g. model.layers.3 (the per-layer tensor names up to the index)."""
-    pattern = next(t.pattern for t in spec.tensors if t.per_layer)
-    return pattern[: pattern.index("{i}")] + str(layer)

@@ -15,7 +15,7 @@ from ..errors import UsageError
 from ..plan import Init, Plan, TensorRecipe
 from ..runtime.masks import MASKS_FILE
 from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed
-from .growth import appended, layer_module, spread_layers, target_sizes
+from .growth import appended, spread_layers, target_sizes
 from .maps import WidthMap, per_head
 
 INIT_STD = 0.02
@@ -88,7 +88,7 @@ def _masks(view: ModelView, s: dict, t: dict, new_layers: list[int], ramp_steps:
         for spec in weights:
             if keep(spec):
                 layers = range(t["layers"]) if spec.per_layer else [None]
-                names += [spec.name(i).removesuffix(".weight") for i in layers]
+                names += [view.spec.module_path(spec.name(i).removesuffix(".weight")) for i in layers]
         return names
 
     def reads(space):
@@ -106,7 +106,7 @@ def _masks(view: ModelView, s: dict, t: dict, new_layers: list[int], ramp_steps:
                         "modules": modules(lambda spec: spec.role in ("norm", "final_norm"))})
     if new_layers:  # h <- alpha f(h) + (1 - alpha) h
         growths.append({"dimension": "layers", "site": "block", "layers": new_layers,
-                        "modules": [layer_module(view.spec, i) for i in new_layers]})
+                        "modules": [view.spec.layer_module(i) for i in new_layers]})
     for g, growth in enumerate(growths):
         growth["start_step"] = g * ramp_steps
         growth["ramp_steps"] = ramp_steps
