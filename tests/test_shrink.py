@@ -241,10 +241,10 @@ def test_calibration_runs_one_module_at_a_time(model_dir, kind):
     framework = view.spec.framework
     model = load_model(src, framework)
     hidden, units, hooks = calibrate._Stats(), {k: calibrate._Stats() for k in imp.units}, []
-    hooks.append(model.get_submodule(calibrate._block_name(view, 0)).register_forward_pre_hook(
+    hooks.append(model.get_submodule(view.spec.layer_module(0)).register_forward_pre_hook(
         lambda _m, a, k: hidden.add(a[0] if a else k["hidden_states"]), with_kwargs=True))
     for i in range(view.sizes["layers"]):
-        hooks.append(model.get_submodule(calibrate._block_name(view, i)).register_forward_hook(
+        hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(
             lambda _m, _a, o: hidden.add(calibrate._first(o))))
     for key, name in calibrate._unit_readers(view).items():
         hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
