@@ -122,7 +122,8 @@ def _render_operation(result: dict) -> None:
 
 
 def _render_verification(r: dict) -> None:
-    keys = ["method", "exact_expected", "max_abs_diff", "rel_error", "top1_agreement", "kl", "loss_source", "loss_target"]
+    keys = ["method", "exact_expected", "max_abs_diff", "rel_error", "top1_agreement", "kl", "loss_source", "loss_target",
+            "beats_random_init"]
     rows = [(k, r[k]) for k in keys if r.get(k) is not None]
     for k, v in (r.get("baseline_random_init") or {}).items():
         if v is not None:

@@ -10,6 +10,7 @@ import torch
 
 from .arch.spec import spec_for
 from .checkpoint import Source
+from .errors import GrowError
 from .plan import RECIPE_FILE
 from .runtime import MASKS_FILE, load_masks
 
@@ -17,7 +18,16 @@ DEFAULT_TOL = 1e-4
 
 
 def load_model(path: Path, framework: str):
-    """The model as transformers or timm load it, in float32, in eval mode."""
+    """The model as transformers or timm load it, in float32, in eval mode; a folder they refuse is
+    one sentence that names it."""
+    try:
+        return _load(path, framework)
+    except Exception as e:  # the frameworks raise many kinds; all mean the same to the user
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GrowError(f"{'timm' if framework == 'timm' else 'transformers'} cannot load {path}: {reason}") from None
+
+
+def _load(path: Path, framework: str):
     if framework == "timm":
         import timm
 
@@ -103,14 +113,17 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
     else:
         vocab = min(ref_model.get_input_embeddings().num_embeddings, tgt_model.get_input_embeddings().num_embeddings)
         inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
-    ref = run(ref_model, inputs, framework)
+    ref, out = run(ref_model, inputs, framework), run(tgt_model, inputs, framework)
+    if ref.shape != out.shape:
+        raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
+                        f"{list(ref.shape)} (a different vocabulary or class count); they cannot be compared.")
     report = {
         "source": source.id,
         "target": str(target.path),
         "method": recipe.get("method"),
         "exact_expected": exact,
         "tolerance": tol,
-        **compare(ref, run(tgt_model, inputs, framework)),
+        **compare(ref, out),
     }
     if framework == "transformers":
         report["loss_source"] = sample_text_loss(ref_model, source.path)
@@ -121,5 +134,7 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
         report["baseline_random_init"] = compare(ref, run(baseline, inputs, framework))
         if framework == "transformers":
             report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path)
+        # a lossy method promises a better start than random: closer to the source's predictions
+        report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
     report["passed"] = (report["rel_error"] <= tol) if exact else True
     return report

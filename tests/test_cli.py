@@ -99,3 +99,25 @@ def test_console_script_and_module_entry(model_dir):
                        capture_output=True, text=True, env=env)
     assert r.returncode == 0 and json.loads(r.stdout)["hidden_size"] == 72
     assert r.stderr == ""  # nothing on stderr when it is not a terminal
+
+
+def test_verify_refuses_models_that_cannot_be_compared(model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir("llama"), other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["vocab_size"] = 200  # the weights no longer fit: transformers refuses to load it
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = grow("verify", model_dir("llama"), other)
+    assert r.exit_code == 1 and r.stderr.startswith("error:") and "cannot load" in r.stderr
+    assert "Traceback" not in r.output
+    import transformers as tf
+
+    wider_vocab = tmp_path / "vocab200"
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       vocab_size=200)).save_pretrained(wider_vocab)
+    r = grow("verify", model_dir("llama"), wider_vocab)
+    assert r.exit_code == 1 and "cannot be compared" in r.stderr and "Traceback" not in r.output
+    r = grow("verify", model_dir("vit"), model_dir("vit"), "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rel_error"] == 0.0
