@@ -65,8 +65,8 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     if view.spec.operations is not None and operation not in view.spec.operations:
         raise UsageError(f"grow can only {' or '.join(view.spec.operations)} a {view.architecture} checkpoint; "
                          f"it cannot {operation} one.")
-    if view.spec.framework == "timm":
-        shard_bytes = None  # timm's local-dir loader reads a single weights file
+    if view.spec.single_file:
+        shard_bytes = None
     plan = _build(methods[method], view, method, options)
     plan.check_rounding(source)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}

@@ -61,8 +61,8 @@ class ArchSpec:
         self.framework: str = data["framework"]
         self.architectures: list[str] = data["architectures"]
         self.norm: str = data["norm"]
-        self.norm_eps_key: str | None = data.get("norm_eps")
         self.block: str = data.get("block", "pre_norm")
+        self.single_file: bool = bool(data.get("single_file", False))  # the framework reads no sharded weights
         tie = data.get("tie")
         self.tie_key: str | None = tie["key"] if tie else None
         self.tie_default: bool = bool(tie and tie["default"])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import Source, TensorInfo
 from ..errors import GrowError
-from .spec import ArchSpec, TensorSpec, spec_for
+from .spec import ArchSpec, TensorSpec, architecture_name, spec_for
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ModelView:
 
     @property
     def architecture(self) -> str:
-        return self.config.get("architecture") or self.config["architectures"][0]
+        return architecture_name(self.config)
 
     def _check(self) -> None:
         layers = self.sizes.get("layers")
