@@ -16,6 +16,8 @@ SPEC_DIR = Path(__file__).parent / "specs"
 
 # Roles of tensors that write into the residual stream without reading it.
 RESIDUAL_SOURCES = ("embedding", "position", "patch", "token")
+# Roles of elementwise norm parameters (weights and LayerNorm biases).
+NORM_ROLES = ("norm", "final_norm", "qk_norm")
 # Spaces whose size is a product of sizes rather than a size of its own.
 DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
 

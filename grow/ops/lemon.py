@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..arch.spec import NORM_ROLES
 from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan
@@ -21,7 +22,6 @@ from .base import depth_config, mapped_recipe, target_config, tensor_seed
 from .growth import grouped_heads, spread_layers, target_sizes, unequal_split
 from .maps import WidthMap, per_head
 
-NORM_ROLES = ("norm", "final_norm", "qk_norm")
 FREE_STD = 0.02  # columns that read the always-zero extra residual entries: any value is exact
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.spec import TensorSpec
+from ..arch.spec import NORM_ROLES, TensorSpec
 from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan, TensorRecipe
 from ..runtime.masks import MASKS_FILE
-from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed
+from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed, whole_number
 from .growth import appended, spread_layers, target_sizes
 from .maps import WidthMap, per_head
 
@@ -24,8 +24,7 @@ DEFAULT_RAMP_STEPS = 1000
 
 def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None,
           ramp_steps: int = DEFAULT_RAMP_STEPS, seed: int = 0, dtype: str | None = None) -> Plan:
-    if isinstance(ramp_steps, bool) or not isinstance(ramp_steps, int) or ramp_steps < 1:
-        raise UsageError(f"--ramp-steps must be a whole number of at least 1, not {ramp_steps!r}.")
+    ramp_steps = whole_number(ramp_steps, "--ramp-steps")
     if view.spec.block != "pre_norm":
         raise UsageError(f"--method msg needs a pre-LN model; {view.architecture} is {view.spec.block}.")
     s = view.sizes
@@ -66,7 +65,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
 def _init(spec: TensorSpec) -> Init:
     if spec.pattern.endswith("bias"):
         return Init("zeros")
-    if spec.role in ("norm", "final_norm", "qk_norm"):
+    if spec.role in NORM_ROLES:
         return Init("ones")
     return Init("normal", INIT_STD)
 
