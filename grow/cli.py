@@ -60,15 +60,22 @@ def _emit(result: dict, as_json: bool, render) -> None:
 
 
 def _progress(quiet: bool):
-    """A progress callback drawing on stderr, or None when stderr is no terminal or --quiet."""
+    """A progress callback progress(stage, done, total) drawing one line per stage on stderr, or None
+    when stderr is no terminal or --quiet."""
     if quiet or not sys.stderr.isatty():
         return None, None
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
     bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                    console=err, transient=True)
-    task = bar.add_task("writing", total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int | None) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return bar, update
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:

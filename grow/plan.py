@@ -319,7 +319,7 @@ class Plan:
 
 
 def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, force: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+            progress: Callable[[str, int, int | None], None] | None = None) -> dict:
     """Stream the plan into dst: read, build, write and free one tensor at a time."""
     dst = Path(dst)
     check_target(source.path, dst, force)
@@ -333,12 +333,12 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         def on_written(t: torch.Tensor) -> None:
             written[0] += t.numel() * t.element_size()
             if progress:
-                progress(written[0], plan.nbytes)
+                progress("writing", written[0], plan.nbytes)
 
         writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
                                   on_written)
         if progress:
-            progress(0, plan.nbytes)
+            progress("writing", 0, plan.nbytes)
         try:
             for r in plan.recipes:
                 writer.submit(r.name, materialize(r, source.get))
