@@ -90,8 +90,9 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
 def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False, verify: bool = False,
            force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
     """Write a larger model that starts from what `src` knows. Options depend on the method
-    (hypercloning: factor, ffn_factor, noise_snr_db, seed, dtype; lemon: hidden, ffn, heads, kv_heads, layers,
-    seed, dtype; stack: layers, dtype; msg: as lemon, plus ramp_steps)."""
+    (hypercloning: factor, ffn_factor, noise, noise_snr_db, seed, dtype; lemon: hidden, ffn, heads, kv_heads,
+    layers, split ("element" or "column"), noise_snr_db, seed, dtype; stack: layers, dtype; msg: hidden, ffn,
+    heads, kv_heads, layers, ramp_steps, seed, dtype)."""
     return _operate("expand", ops.EXPAND_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 

@@ -173,7 +173,8 @@ def expand(
              "stack (G_stack depth, not exact) | msg (any dimension, exact with its masks)")] = "hypercloning",
     factor: Annotated[Optional[float], typer.Option(help="Width factor (hypercloning; whole number >= 2).")] = None,
     ffn_factor: Annotated[Optional[float], typer.Option(help="FFN width factor (hypercloning; default --factor).")] = None,
-    noise_snr_db: Annotated[Optional[float], typer.Option(help="Symmetry-breaking noise at this SNR in dB; exact forward.")] = None,
+    noise: Annotated[Optional[bool], typer.Option("--noise/--no-noise", help="hypercloning: split copies element-wise at random so they separate under training (default on; exact forward).")] = None,
+    noise_snr_db: Annotated[Optional[float], typer.Option(help="SNR in dB of the element-wise split of copies (hypercloning, lemon; default 10).")] = None,
     hidden: Annotated[Optional[int], typer.Option(help="Target hidden size (lemon, msg).")] = None,
     ffn: Annotated[Optional[int], typer.Option(help="Target FFN width (lemon, msg).")] = None,
     heads: Annotated[Optional[int], typer.Option(help="Target query heads (lemon, msg); kv heads follow the group size.")] = None,
@@ -192,7 +193,7 @@ def expand(
     debug: DEBUG = False,
 ):
     """Write a larger model that starts from what SRC knows."""
-    _run_operation(api.expand, src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor,
+    _run_operation(api.expand, src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor, noise=noise,
                    noise_snr_db=noise_snr_db, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                    ramp_steps=ramp_steps, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                    verify=verify, force=force, tol=tol)

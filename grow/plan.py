@@ -65,6 +65,22 @@ class Noise:
 
 
 @dataclass
+class Split:
+    """Copies along `axis` that read equal inputs become random element-wise pieces of their group's
+    value that sum to it exactly in the output dtype (groups[j]: group id of a copy, -1 where position j
+    is not split). Each piece is its share 1/m plus noise at snr_db relative to that share, kept on the
+    grid of the value's own ulp and below its binade's top, so that the last piece, the remainder, is
+    representable too: the forward pass stays exact in any dtype while the copies' gradients differ."""
+
+    axis: int
+    groups: torch.Tensor
+    snr_db: float
+
+    def label(self) -> str:
+        return f"element-wise split at {self.snr_db:g} dB"
+
+
+@dataclass
 class TensorRecipe:
     name: str
     shape: tuple[int, ...]
@@ -76,6 +92,7 @@ class TensorRecipe:
     scale: float = 1.0
     init: Init = Init()
     noise: Noise | None = None
+    split: Split | None = None
     seed: int = 0
     note: str = ""
 
@@ -105,6 +122,8 @@ class TensorRecipe:
             parts.append(f"x {self.scale:.6g}")
         if self.noise is not None:
             parts.append(f"zero-sum noise {self.noise.snr_db:g} dB")
+        if self.split is not None:
+            parts.append(self.split.label())
         if self.note:
             parts.append(self.note)
         return "; ".join(parts)
@@ -152,9 +171,9 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
             scales.append((axis, m.scale.to(torch.float32)))
     if tuple(t.shape) != tuple(r.shape):
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
-    if not (scales or fresh_axes or r.noise or r.scale != 1.0):
+    if not (scales or fresh_axes or r.noise or r.split or r.scale != 1.0):
         return t.to(out_dtype)
-    if not (fresh_axes or r.noise) and t.dtype == out_dtype and _powers_of_two(scales, r.scale):
+    if not (fresh_axes or r.noise or r.split) and t.dtype == out_dtype and _powers_of_two(scales, r.scale):
         # multiplying by 2^k rounds nothing: scale in the output dtype, one pass, no float32 copy
         out = t.clone() if loaded else t
         for axis, scale in scales:
@@ -162,8 +181,8 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
             view[axis] = -1
             out.mul_(scale.to(out_dtype).view(view))
         return out.mul_(r.scale) if r.scale != 1.0 else out
-    if r.noise is not None and r.noise.axis == 0:
-        # noise that must sum to zero down the rows needs every row at once
+    if (r.noise is not None and r.noise.axis == 0) or (r.split is not None and r.split.axis == 0):
+        # noise that must sum to zero (pieces that must sum to a value) down the rows needs every row at once
         return _arithmetic(t.to(torch.float32, copy=True), r, scales, fresh_axes, gen, 0).to(out_dtype)
     # write into t itself when it is a private tensor of the output dtype, else into a fresh one
     out = t if (t.dtype == out_dtype and not loaded) else torch.empty(r.shape, dtype=out_dtype)
@@ -203,6 +222,8 @@ def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, nois
         block.mul_((scale[row0:row0 + n] if axis == 0 else scale).view(view))
     if r.scale != 1.0:
         block.mul_(r.scale)
+    if r.split is not None:
+        block = split_pieces(block, r.split, DTYPES[r.dtype], gen)
     if fresh_axes:
         mask = torch.zeros(block.shape, dtype=torch.bool)
         for axis, fresh in fresh_axes:
@@ -219,7 +240,7 @@ def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, nois
 def _powers_of_two(scales, scalar: float) -> bool:
     values = torch.cat([s.flatten() for _, s in scales] + [torch.tensor([scalar], dtype=torch.float32)])
     mantissa, _ = torch.frexp(values)
-    return bool(torch.all(mantissa.abs() == 0.5))
+    return bool(torch.all((mantissa.abs() == 0.5) | (values == 0)))  # zero (a silenced writer) rounds nothing
 
 
 def _std_for_snr(power: float, snr_db: float) -> float:
@@ -238,6 +259,44 @@ def _noise_std(t: torch.Tensor, r: TensorRecipe, scales, step: int) -> float:
         total += block.mul_(r.scale).pow_(2).sum().item()
         count += block.numel()
     return _std_for_snr(total / max(count, 1), r.noise.snr_db)
+
+
+# (significand bits, exponent of the smallest subnormal) of the floating-point output dtypes
+_FORMATS = {torch.float32: (24, -149), torch.bfloat16: (8, -133), torch.float16: (11, -24)}
+
+
+def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Replace the copies of each group along split.axis (equal values V) by pieces that sum to V
+    exactly once written in `dtype`: all pieces but the last are V times a random share in [0, 1/(m-1)],
+    truncated to the grid of ulp(V) in `dtype`, so they have V's sign and at most its magnitude; the
+    last is V minus their sum, a multiple of that ulp between 0 and V, hence representable too."""
+    bits, tiny = _FORMATS[dtype]
+    x = block.movedim(split.axis, -1)
+    groups = split.groups.long()
+    member = groups >= 0
+    ids = groups.clamp(min=0)
+    ngroups = int(groups.max()) + 1 if member.any() else 0
+    size = torch.bincount(ids[member], minlength=ngroups).float()
+    m = torch.where(member, size[ids], torch.ones(()))  # copies in each position's group
+    # the last member of each group takes the remainder
+    order = torch.arange(groups.numel())
+    last_at = torch.full((max(ngroups, 1),), -1, dtype=torch.long).scatter_reduce(0, ids[member], order[member], "amax")
+    last = member & (order == last_at[ids])
+    v = x.to(dtype).float()  # the value the pieces must sum to, as the output dtype holds it
+    z = torch.randn(x.shape, generator=gen)
+    sums = torch.zeros((*x.shape[:-1], max(ngroups, 1))).index_add_(-1, ids[member], z[..., member])
+    z[..., member] -= (sums / size.clamp(min=1))[..., ids[member]]
+    z *= torch.where(m > 1, (m / (m - 1).clamp(min=1)).sqrt(), torch.zeros(()))  # centring removed 1/m of the variance
+    share = 1 / m + z * (10 ** (-split.snr_db / 20) / m)
+    share = torch.minimum(share.clamp(min=0), 1 / (m - 1).clamp(min=1))
+    _, exponent = torch.frexp(v)
+    ulp = torch.ldexp(torch.ones_like(v), (exponent - bits).clamp(min=tiny))
+    pieces = torch.trunc(v * share / ulp) * ulp
+    pieces[..., ~member] = v[..., ~member]
+    pieces[..., last] = 0
+    taken = torch.zeros_like(sums).index_add_(-1, ids[member], pieces[..., member])
+    pieces[..., last] = v[..., last] - taken[..., ids[last]]
+    return pieces.movedim(-1, split.axis)
 
 
 def zero_sum_noise(shape, noise: Noise, std: float, gen: torch.Generator) -> torch.Tensor:

@@ -47,7 +47,7 @@ def test_dry_run_writes_nothing(model_dir, tmp_path):
     names = {t["name"] for t in plan["tensors"]}
     assert "model.layers.1.self_attn.q_proj.bias" in names
     q = next(t for t in plan["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
-    assert q["shape"] == [128, 128] and "fan-in" in q["recipe"]
+    assert q["shape"] == [128, 128] and "element-wise split" in q["recipe"]
     table = grow("expand", model_dir("qwen2"), dst, "--factor", "2", "--dry-run")
     assert table.exit_code == 0 and "q_proj" in table.stdout and not dst.exists()
 

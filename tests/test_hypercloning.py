@@ -40,7 +40,7 @@ def test_expand_is_exact(model_dir, tmp_path, kind, tied, factor, ffn_factor, sn
 def test_noise_breaks_symmetry_but_not_function(model_dir, tmp_path):
     src = model_dir("llama")
     plain, noisy = tmp_path / "plain", tmp_path / "noisy"
-    grow.expand(src, plain, factor=2)
+    grow.expand(src, plain, factor=2, noise=False)
     grow.expand(src, noisy, factor=2, noise_snr_db=10.0)
     a, b = load_model(plain, "transformers"), load_model(noisy, "transformers")
     wa = a.model.layers[0].mlp.up_proj.weight
@@ -89,14 +89,18 @@ def test_16_bit_rounding_is_not_claimed_exact(model_dir, tmp_path):
     from tiny_models import save_language_model
 
     src = save_language_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
-    for method, options in [("hypercloning", {"factor": 3}), ("hypercloning", {"factor": 2, "noise_snr_db": 20.0}),
-                            ("lemon", {"hidden": 108})]:
+    for method, options in [("hypercloning", {"factor": 3, "noise": False}), ("lemon", {"hidden": 108}),
+                            ("lemon", {"hidden": 144, "split": "column"})]:
         plan = grow.expand(src, method=method, dry_run=True, **options)["plan"]
         assert plan["exact"] is False and any("round in 16 bits" in n for n in plan["notes"]), (method, options)
-    report = grow.expand(src, tmp_path / "x3", factor=3, verify=True)["verification"]
+    report = grow.expand(src, tmp_path / "x3", factor=3, noise=False, verify=True)["verification"]
     assert report["exact_expected"] is False and report["passed"] and report["rel_error"] > 1e-4
-    assert grow.expand(src, tmp_path / "x3f", factor=3, dtype="float32", verify=True)["verification"]["rel_error"] <= 1e-4
-    assert grow.expand(src, dry_run=True, factor=2)["plan"]["exact"] is True  # halving rounds nothing
+    assert grow.expand(src, tmp_path / "x3f", factor=3, noise=False, dtype="float32",
+                       verify=True)["verification"]["rel_error"] <= 1e-4
+    # halving, and the default element-wise split (pieces exact in bf16), round nothing
+    for options in [{"factor": 2, "noise": False}, {"factor": 2}, {"factor": 3}, {"factor": 2, "noise_snr_db": 0.0}]:
+        assert grow.expand(src, dry_run=True, **options)["plan"]["exact"] is True, options
+    assert grow.expand(src, method="lemon", dry_run=True, hidden=144, layers=3)["plan"]["exact"] is True
     narrowed = grow.expand(model_dir("llama"), dry_run=True, factor=2, dtype="bfloat16")["plan"]
     assert narrowed["exact"] is False  # float32 weights written as bfloat16
 

@@ -6,28 +6,18 @@ something. Everything is deterministic (fixed files, seeds, batches)."""
 
 from __future__ import annotations
 
-import math
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-# Never trained on: grow verify's sample text (textwrap.py) and the held-out evaluation text.
-HELD_OUT_FILES = ("textwrap.py", "shlex.py", "string.py", "fractions.py", "bisect.py", "heapq.py")
+from grow.training import (HELD_OUT_FILES, STDLIB, Shape, adamw, encode, held_out_windows, llama_config, step,
+                           train_tokenizer)
+from grow.training import loss as _loss
 
 
 @dataclass(frozen=True)
-class Setup:
-    hidden: int = 64
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    ffn: int = 192
-    vocab: int = 512
-    seq: int = 64
-    batch: int = 16
+class Setup(Shape):
     steps: int = 300  # training of the source
     lr: float = 3e-3
     train_chars: int = 1_500_000
@@ -48,33 +38,6 @@ def train_files(chars: int) -> list[Path]:
         if total >= chars:
             break
     return out
-
-
-def _read(files) -> list[str]:
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
-
-
-def train_tokenizer(folder: Path, files: list[Path], vocab: int):
-    """A byte-level BPE tokenizer trained with the tokenizers library, saved so AutoTokenizer loads it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_read(files), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    fast.save_pretrained(str(folder))
-    return fast
-
-
-def encode(tokenizer, files) -> torch.Tensor:
-    ids = []
-    for text in _read(files):
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def batches(stream: torch.Tensor, setup: Setup, steps: int, seed: int):
@@ -99,31 +62,18 @@ def train(model, stream: torch.Tensor, setup: Setup, steps: int, seed: int, lr: 
 
 def _train(model, stream: torch.Tensor, setup: Setup, steps: int, seed: int, lr: float) -> None:
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warm = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+    opt, sched = adamw(model, lr, steps, steps // 10)
     for ids in batches(stream, setup, steps, seed):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        step(model, opt, sched, ids)
     model.eval()
 
 
 def held_out(tokenizer, setup: Setup) -> torch.Tensor:
-    """Held-out windows [n, seq] from files that no model was trained on."""
-    stream = encode(tokenizer, [STDLIB / f for f in HELD_OUT_FILES if (STDLIB / f).is_file()])
-    n = min(64, stream.numel() // setup.seq)
-    return stream[: n * setup.seq].view(n, setup.seq)
+    return held_out_windows(tokenizer, setup.seq)
 
 
 def loss(model, windows: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad():
-        return model(windows, labels=windows).loss.item()
+    return _loss(model, windows, batch=len(windows))
 
 
 def build_trained(folder: Path, setup: Setup = TEST, seed: int = 0) -> Path:
@@ -135,12 +85,7 @@ def build_trained(folder: Path, setup: Setup = TEST, seed: int = 0) -> Path:
     files = train_files(setup.train_chars)
     tok = train_tokenizer(folder, files, setup.vocab)
     stream = encode(tok, files)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=setup.hidden, num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads, num_key_value_heads=setup.kv_heads, intermediate_size=setup.ffn,
-        max_position_embeddings=max(128, setup.seq), tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )
+    cfg = llama_config(setup, tok)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
     train(model, stream, setup, setup.steps, seed)

@@ -10,7 +10,7 @@ from ..arch.spec import TensorSpec, get_path, set_path
 from ..arch.view import Entry, ModelView
 from ..checkpoint import DTYPES
 from ..errors import UsageError
-from ..plan import AxisMap, Init, Noise, TensorRecipe
+from ..plan import AxisMap, Init, Split, TensorRecipe
 from .maps import WidthMap, concat, identity
 
 DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -63,13 +63,14 @@ def space_maps(view: ModelView, maps: dict[str, WidthMap], spaces: tuple[str, ..
 
 
 def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, name: str | None = None,
-                  dtype: str | None = None, seed: int = 0, scale: float = 1.0, noise_snr_db: float | None = None,
+                  dtype: str | None = None, seed: int = 0, scale: float = 1.0, split_snr_db: float | None = None,
                   init: Init = Init(), fan_in: bool = True, note: str = "") -> TensorRecipe:
     """Recipe that gathers every axis of `entry` through the map of its space; the fan-in axis
-    (if any) is also scaled by the map's fan-in weights."""
+    (if any) is also scaled by the map's fan-in weights, or, with split_snr_db, its copies become
+    random element-wise pieces of the source weight (Split) instead."""
     spec: TensorSpec = entry.spec
     axes, shape = [], []
-    noise = None
+    split = None
     for k, spaces in enumerate(spec.axes):
         m = space_maps(view, maps, spaces)
         if m is None:
@@ -77,15 +78,18 @@ def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, n
             shape.append(entry.info.shape[k])
             continue
         reads = fan_in and k == spec.reads
-        label = m.label + (" (fan-in weighted)" if reads and not torch.all(m.fan_in == 1) else "")
-        axes.append(AxisMap(m.src, m.fan_in if reads and not torch.all(m.fan_in == 1) else None, label))
+        groups = m.copy_groups() if reads and split_snr_db is not None else None
+        if groups is not None and bool((groups >= 0).any()):
+            split = Split(k, groups, split_snr_db)  # the pieces replace the fan-in weights
+            axes.append(AxisMap(m.src, None, m.label))
+        else:
+            weighted = reads and not torch.all(m.fan_in == 1)
+            axes.append(AxisMap(m.src, m.fan_in if weighted else None, m.label + (" (fan-in weighted)" if weighted else "")))
         shape.append(m.size)
-        if reads and noise_snr_db is not None and m.groups().numel() and int(m.groups().max()) + 1 < m.size:
-            noise = Noise(k, m.groups(), noise_snr_db)
     out = name or entry.name
     return TensorRecipe(
         name=out, shape=tuple(shape), dtype=output_dtype(dtype, entry.info.dtype), sources=(entry.name,),
-        axes=tuple(axes), scale=scale, init=init, noise=noise, seed=tensor_seed(seed, out), note=note,
+        axes=tuple(axes), scale=scale, init=init, split=split, seed=tensor_seed(seed, out), note=note,
     )
 
 

@@ -10,6 +10,22 @@ from ..errors import UsageError
 from .base import SIZE_OPTIONS as OPTIONS
 from .base import check_size_rules, whole_number
 
+# Default level of the element-wise random split of copies (dB of each piece's share over its noise),
+# chosen by scripts/growth_evidence.py (README "Does growing pay off?").
+SPLIT_SNR_DB = 10.0
+
+
+def symmetry_breaking(snr_db: float | None, column_split: bool = False) -> tuple[str, str]:
+    """What breaks the symmetry of copied units, as (short name for stats, note for --dry-run and grow.json)."""
+    if column_split:
+        return ("unequal column split", "copies are unequal scalar multiples of the source column: they differ, "
+                "but their gradients start parallel.")
+    if snr_db is None:
+        return ("none", "copies are equal (no noise): they receive identical gradients and stay identical under "
+                "training; leave out --no-noise to break the symmetry.")
+    return (f"element-wise split at {snr_db:g} dB",
+            f"copies are random element-wise pieces of the source weights ({snr_db:g} dB SNR per element) that sum "
+            "to it exactly in the output dtype: they separate under training while the forward pass stays exact.")
 
 
 def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:

@@ -1,13 +1,18 @@
 """HyperCloning: widen by integer factors so that the wide model computes exactly what the source did.
 
 The residual vector becomes n copies [x, ..., x]; heads and kv heads are multiplied by n (head_dim
-stays, a single kv head stays single); every reader of a tiled space divides by its repeat."""
+stays, a single kv head stays single); every reader of a tiled space divides by its repeat. By default
+the copies are split element-wise at random (pieces that sum exactly to the source weight, in the output
+dtype), so that their gradients differ and they separate under training; --no-noise gives plain 1/n
+copies, which receive identical gradients and stay identical forever."""
 
 from __future__ import annotations
 
 from ..arch.view import ModelView
+from ..errors import UsageError
 from ..plan import Plan
 from .base import check_heads, mapped_recipe, target_config, whole_number
+from .growth import SPLIT_SNR_DB, symmetry_breaking
 from .maps import WidthMap, per_head, tile
 
 
@@ -15,8 +20,11 @@ def _factor(value, option: str) -> int:
     return whole_number(value, option, 2, hint="; HyperCloning grows by whole factors, for other sizes use --method lemon")
 
 
-def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float | None = None, seed: int = 0,
-          dtype: str | None = None) -> Plan:
+def build(view: ModelView, *, factor=None, ffn_factor=None, noise: bool = True, noise_snr_db: float | None = None,
+          seed: int = 0, dtype: str | None = None) -> Plan:
+    if not noise and noise_snr_db is not None:
+        raise UsageError("--noise-snr-db sets the level of the noise that --no-noise turns off; give one of them.")
+    snr = (SPLIT_SNR_DB if noise_snr_db is None else noise_snr_db) if noise else None
     n = _factor(factor, "--factor")
     m = n if ffn_factor is None else _factor(ffn_factor, "--ffn-factor")
     s = view.sizes
@@ -45,14 +53,12 @@ def build(view: ModelView, *, factor=None, ffn_factor=None, noise_snr_db: float 
         scale = 1.0 / n if role == "final_norm" and view.tied else 1.0
         note = "1/n of the tied head folded in" if scale != 1.0 else ""
         recipes.append(mapped_recipe(view, e, maps, dtype=dtype, seed=seed, scale=scale,
-                                     noise_snr_db=noise_snr_db, note=note))
+                                     split_snr_db=snr, note=note))
 
-    notes = []
-    if noise_snr_db is not None:
-        notes.append(f"zero-sum noise at {noise_snr_db:g} dB SNR breaks the symmetry of the copies; the forward pass stays exact.")
+    how, note = symmetry_breaking(snr)
     return Plan(
         operation="expand", method="hypercloning", exact=True, architecture=view.architecture,
         config=target_config(view, t, dtype), recipes=recipes, source_sizes=s, target_sizes=t,
-        options={"factor": n, "ffn_factor": m, "noise_snr_db": noise_snr_db, "seed": seed, "dtype": dtype},
-        notes=notes,
+        options={"factor": n, "ffn_factor": m, "noise": noise, "noise_snr_db": snr, "seed": seed, "dtype": dtype},
+        notes=[note], stats={"symmetry_breaking": how},
     )

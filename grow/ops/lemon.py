@@ -3,8 +3,10 @@ the source did.
 
 The residual vector becomes k copies of x plus r extra entries (D = k d + r): zeros under RMSNorm,
 mean(x) under LayerNorm, all times sqrt(D / k d) so that its mean square, and thus the weight of eps,
-stays as it was; the normalized vector is [y, ..., y, 0] once the norm weights carry sqrt(k d / D). Readers of a copied space split each source column into unequal
-pieces (the copies differ from the start); columns reading the extra entries are free. New layers are
+stays as it was; the normalized vector is [y, ..., y, 0] once the norm weights carry sqrt(k d / D). Readers of a copied space split each source weight element-wise into random
+pieces that sum to it exactly (as the LEMON reference does; the copies' gradients differ from the first
+step), or with split="column" each whole column into unequal scalar multiples (gradients start parallel);
+columns reading the extra entries are free. New layers are
 copies whose residual writers are zero, so each new block starts as the identity."""
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan
 from .base import depth_config, mapped_recipe, target_config, tensor_seed
-from .growth import grouped_heads, spread_layers, target_sizes, unequal_split
+from .growth import SPLIT_SNR_DB, grouped_heads, spread_layers, symmetry_breaking, target_sizes, unequal_split
 from .maps import WidthMap, per_head
 
 FREE_STD = 0.02  # columns that read the always-zero extra residual entries: any value is exact
+SPLITS = ("element", "column")
 
 
-def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, seed: int = 0,
-          dtype: str | None = None) -> Plan:
+def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, split: str = "element",
+          noise_snr_db: float | None = None, seed: int = 0, dtype: str | None = None) -> Plan:
+    if split not in SPLITS:
+        raise UsageError(f"--split {split} is not one of {', '.join(SPLITS)}.")
+    if split == "column" and noise_snr_db is not None:
+        raise UsageError("--noise-snr-db sets the element-wise split; it does not apply to split='column'.")
+    snr = (SPLIT_SNR_DB if noise_snr_db is None else noise_snr_db) if split == "element" else None
     if view.spec.block != "pre_norm":
         raise UsageError(f"--method lemon needs a pre-LN model; {view.architecture} is {view.spec.block}, where "
                          "new units and layers cannot start without changing the function.")
@@ -50,7 +58,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
         gen = torch.Generator().manual_seed(tensor_seed(seed, name))
         maps = {}
         for space, src in sources.items():
-            fan_in = unequal_split(src, gen) if space != "kv" else torch.ones(src.numel())
+            fan_in = unequal_split(src, gen) if space != "kv" and split == "column" else torch.ones(src.numel())
             if space in ("q", "kv"):
                 maps[space] = per_head(WidthMap(src, fan_in, f"{len(src)} heads, circular copies"), s["head_dim"])
             else:
@@ -63,28 +71,29 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     for e in view.globals():
         if e.spec.role == "head" and view.tied:
             continue  # the tie is kept; the 1/k it needs lives in the final norm
-        recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, new_layer=False))
+        recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, snr, new_layer=False))
     for i, (j, new) in enumerate(layer_plan):
         for e in view.layer(j):
             name = e.spec.name(i)
-            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, new_layer=new))
+            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, new_layer=new))
 
     config = depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan])
-    notes = []
+    how, note = symmetry_breaking(snr, column_split=split == "column")
+    notes = [note]
     if t["layers"] != s["layers"]:
         notes.append(f"{t['layers'] - s['layers']} new layers (copies with zero residual writers) among the "
                      f"{s['layers']} source layers: target layer i comes from source layer "
                      f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new).")
     return Plan(
         operation="expand", method="lemon", exact=True, architecture=view.architecture, config=config,
-        recipes=recipes, source_sizes=s, target_sizes=t, notes=notes,
+        recipes=recipes, source_sizes=s, target_sizes=t, notes=notes, stats={"symmetry_breaking": how},
         options={"hidden": D, "ffn": t["ffn"], "heads": t["heads"], "kv_heads": t["kv_heads"],
-                 "layers": t["layers"], "seed": seed, "dtype": dtype},
+                 "layers": t["layers"], "split": split, "noise_snr_db": snr, "seed": seed, "dtype": dtype},
     )
 
 
 def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: float, extra: int, seed: int,
-            dtype, *, new_layer: bool):
+            dtype, snr: float | None, *, new_layer: bool):
     role = e.spec.role
     is_bias = e.name.endswith("bias")
     if role in NORM_ROLES:
@@ -104,7 +113,8 @@ def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: floa
     if new_layer and e.spec.writes_residual:
         scale, notes = 0.0, ["new layer: writes nothing to the residual"]
     note = "; ".join(notes)
-    r = mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, init=init, note=note)
+    r = mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, init=init, note=note,
+                      split_snr_db=snr)
     if extra and view.spec.norm == "layer" and e.spec.writes_residual:
         # average expansion: the extra residual entries hold mean(x), which LayerNorm centres to zero
         d = view.sizes["hidden"]

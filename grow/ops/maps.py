@@ -22,6 +22,16 @@ class WidthMap:
         _, inverse = torch.unique(self.src, return_inverse=True)
         return inverse
 
+    def copy_groups(self) -> torch.Tensor:
+        """Group id per target position that shares its source position with another; -1 elsewhere
+        (new positions, positions copied once)."""
+        _, inverse, counts = torch.unique(self.src, return_inverse=True, return_counts=True)
+        shared = (self.src >= 0) & (counts[inverse] > 1)
+        _, ids = torch.unique(inverse[shared], return_inverse=True)
+        out = torch.full_like(self.src, -1)
+        out[shared] = ids
+        return out
+
 
 def identity(n: int) -> WidthMap:
     return WidthMap(torch.arange(n), torch.ones(n), "")
