@@ -95,6 +95,8 @@ class TensorRecipe:
     split: Split | None = None
     seed: int = 0
     note: str = ""
+    # the model uses stored + offset (norms of the form 1 + w): scales and new values apply to that sum
+    offset: float = 0.0
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +114,8 @@ class TensorRecipe:
             return False
         if self.noise is not None or any(m is not None and m.mix is not None for m in self.axes):
             return True
+        if self.offset and (self.scale != 1.0 or any(m is not None and m.scale is not None for m in self.axes)):
+            return True
         return not _powers_of_two([(k, m.scale) for k, m in enumerate(self.axes) if m is not None and m.scale is not None],
                                   self.scale)
 
@@ -119,7 +123,7 @@ class TensorRecipe:
         parts = [" + ".join(self.sources) if self.sources else f"new {self.init}"]
         parts += [f"axis {k}: {m.label}" for k, m in enumerate(self.axes) if m is not None and m.label]
         if self.scale != 1.0:
-            parts.append(f"x {self.scale:.6g}")
+            parts.append(f"x {self.scale:.6g}" + (f" (on {self.offset:g} + w)" if self.offset else ""))
         if self.noise is not None:
             parts.append(f"zero-sum noise {self.noise.snr_db:g} dB")
         if self.split is not None:
@@ -173,6 +177,10 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
     if not (scales or fresh_axes or r.noise or r.split or r.scale != 1.0):
         return t.to(out_dtype)
+    if r.offset:
+        # scale and fill offset + stored, then store the result less the offset
+        t = t.to(torch.float32, copy=True).add_(r.offset)
+        return _arithmetic(t, r, scales, fresh_axes, gen, 0).sub_(r.offset).to(out_dtype)
     if not (fresh_axes or r.noise or r.split) and t.dtype == out_dtype and _powers_of_two(scales, r.scale):
         # multiplying by 2^k rounds nothing: scale in the output dtype, one pass, no float32 copy
         out = t.clone() if loaded else t

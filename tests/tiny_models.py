@@ -39,6 +39,31 @@ def _config(kind: str, tied: bool):
     if kind == "qwen3":  # head_dim differs from hidden / heads
         return tf.Qwen3Config(hidden_size=48, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=16, **common)
+    if kind == "gemma":  # head_dim 12 with hidden 32 / 4 heads; tied by default
+        return tf.GemmaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=12, pad_token_id=0, **common)
+    if kind == "gemma2":  # sandwich norms, soft-capping low enough to bend the scores and logits
+        return tf.Gemma2Config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                               head_dim=12, sliding_window=8, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                               query_pre_attn_scalar=12, pad_token_id=0, **common)
+    if kind == "gemma3":  # plus q/k norms; layers alternate sliding and full attention
+        return tf.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=12, sliding_window=8, query_pre_attn_scalar=12, pad_token_id=0,
+                                   layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=3.0,
+                                   **common)
+    if kind == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2,
+                             pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    if kind == "olmo2":  # norms on the branch outputs only; q/k norms over the whole projection
+        return tf.Olmo2Config(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=3,
+                              pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    if kind == "gpt_neox":  # parallel residual, q|k|v interleaved per head, rotary on a quarter of each head
+        return tf.GPTNeoXConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4, rotary_pct=0.25,
+                                pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
+    if kind == "granite":  # muP-style multipliers away from 1
+        return tf.GraniteConfig(hidden_size=48, intermediate_size=64, num_attention_heads=6, num_key_value_heads=2,
+                                embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                logits_scaling=4.0, pad_token_id=0, bos_token_id=0, eos_token_id=0, **common)
     if kind == "gpt2":
         return tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                              tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
@@ -46,6 +71,9 @@ def _config(kind: str, tied: bool):
 
 
 LANGUAGE_KINDS = ("llama", "llama_mqa", "mistral", "qwen2", "qwen3", "gpt2")
+# Families with quirks of their own (scaled embeddings, (1 + w) and sandwich norms, fused and interleaved
+# projections, multipliers); tested by tests/test_families.py.
+FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "granite")
 
 
 def save_language_model(kind: str, path: Path, tied: bool = False, seed: int = 0, dtype=torch.float32) -> Path:

@@ -16,8 +16,9 @@ SPEC_DIR = Path(__file__).parent / "specs"
 
 # Roles of tensors that write into the residual stream without reading it.
 RESIDUAL_SOURCES = ("embedding", "position", "patch", "token")
-# Roles of elementwise norm parameters (weights and LayerNorm biases).
-NORM_ROLES = ("norm", "final_norm", "qk_norm")
+# Roles of elementwise norm parameters (weights and LayerNorm biases): norms of a branch's input, of the
+# residual before the head, of queries and keys, and of a branch's output before it is added (post_norm).
+NORM_ROLES = ("norm", "final_norm", "qk_norm", "post_norm")
 # Spaces whose size is a product of sizes rather than a size of its own.
 DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
 
@@ -29,6 +30,7 @@ class TensorSpec:
     reads: int | None = None  # the fan-in axis: the one contracted with the input
     role: str = "weight"
     regex: re.Pattern = field(compare=False, repr=False, default=None)
+    interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
 
     @property
     def per_layer(self) -> bool:
@@ -64,6 +66,14 @@ class ArchSpec:
         self.architectures: list[str] = data["architectures"]
         self.norm: str = data["norm"]
         self.block: str = data.get("block", "pre_norm")
+        # what a layer's branches read: the normalised residual ("norm"), or the residual itself ("residual")
+        self.branch_input: str = data.get("branch_input", "norm")
+        # the stored norm weight is w but the norm multiplies by (offset + w): operators act on offset + w
+        self.norm_offset: float = float(data.get("norm_offset", 0.0))
+        # the model multiplies its token embeddings by this expression over the sizes (e.g. hidden ** 0.5)
+        self.embedding_scale: str | None = _expr(data.get("embedding_scale"))
+        # why no MoE format can hold this family (grow upcycle refuses it with this reason)
+        self.upcycle_refusal: str | None = data.get("upcycle_refusal")
         self.single_file: bool = bool(data.get("single_file", False))  # the framework reads no sharded weights
         tie = data.get("tie")
         self.tie_key: str | None = tie["key"] if tie else None
@@ -75,6 +85,9 @@ class ArchSpec:
         }
         self.per_layer_keys: list[str] = data.get("per_layer", [])
         self.layer_count_keys: list[str] = data.get("layer_counts", [])
+        # per-layer entries that the framework derives when the config leaves them out:
+        # key -> {value: expression over i (the layer) and config keys, config: {config key: default}}
+        self.per_layer_defaults: dict[str, dict] = data.get("per_layer_default", {})
         self.optional_prefix: str = data.get("optional_prefix", "")
         # the prefix the model's module paths have but this checkpoint's tensor names lack (see for_names)
         self.module_prefix: str = data.get("module_prefix", "")
@@ -89,7 +102,8 @@ class ArchSpec:
     @staticmethod
     def _tensor(t: dict) -> TensorSpec:
         axes = tuple(tuple(str(a).split("|")) for a in t["axes"])
-        return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]))
+        return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]),
+                          bool(t.get("interleaved", False)))
 
     def for_names(self, names) -> "ArchSpec":
         """This spec, with its optional prefix dropped when the checkpoint's names lack it, so that
@@ -128,6 +142,27 @@ class ArchSpec:
 
     def by_role(self, role: str) -> list[TensorSpec]:
         return [t for t in self.tensors if t.role == role]
+
+    def per_layer_values(self, key: str, config: dict, layers: int) -> list | None:
+        """One value per layer for a per-layer config entry: the config's own list, or the framework's default."""
+        values = get_path(config, key)
+        if values is None and key in self.per_layer_defaults:
+            rule = self.per_layer_defaults[key]
+            names = {k: get_path(config, k) if get_path(config, k) is not None else v
+                     for k, v in rule.get("config", {}).items()}
+            values = [eval(rule["value"], {"__builtins__": {}}, dict(names, i=i)) for i in range(layers)]  # spec data
+        return values if isinstance(values, list) else None
+
+    def value_offset(self, t: TensorSpec) -> float:
+        """What the model adds to this tensor's stored values before using them (norms of the form offset + w)."""
+        return self.norm_offset if t.role in NORM_ROLES and not t.pattern.endswith("bias") else 0.0
+
+    def embedding_rescale(self, sizes: dict[str, int], new_sizes: dict[str, int]) -> float:
+        """The factor on the stored embedding that keeps the scaled embedding the model adds to the residual
+        as it was, when the model's embedding scale depends on sizes that change."""
+        if self.embedding_scale is None:
+            return 1.0
+        return _eval_default(self.embedding_scale, sizes) / _eval_default(self.embedding_scale, new_sizes)
 
     # ---- sizes and config ------------------------------------------------------------------
     def read_sizes(self, config: dict) -> dict[str, int]:

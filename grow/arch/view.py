@@ -71,7 +71,7 @@ class ModelView:
                     f"{self.sizes['experts']}; fix config.json or the checkpoint."
                 )
         heads = self.spec.by_role("head")
-        if heads and not self.tied and heads[0].name() not in self.by_name:
+        if heads and not self.tied and not any(h.name() in self.by_name for h in heads):
             raise GrowError(
                 f"config.json says the output head is not tied to the embedding, but the checkpoint has no "
                 f"{heads[0].name()}; set {self.spec.tie_key} to true or add the tensor."

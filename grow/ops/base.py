@@ -11,7 +11,7 @@ from ..arch.view import Entry, ModelView
 from ..checkpoint import DTYPES
 from ..errors import UsageError
 from ..plan import AxisMap, Init, Split, TensorRecipe
-from .maps import WidthMap, concat, identity
+from .maps import WidthMap, concat, identity, interleave
 
 DTYPE_CHOICES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 
@@ -50,7 +50,8 @@ def tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def space_maps(view: ModelView, maps: dict[str, WidthMap], spaces: tuple[str, ...]) -> WidthMap | None:
+def space_maps(view: ModelView, maps: dict[str, WidthMap], spaces: tuple[str, ...],
+               interleaved: bool = False) -> WidthMap | None:
     """The map for one axis (fused axes combine their parts); None when nothing changes."""
     if not any(s in maps for s in spaces):
         return None
@@ -59,7 +60,24 @@ def space_maps(view: ModelView, maps: dict[str, WidthMap], spaces: tuple[str, ..
         n = view.spec.space_size(s, view.sizes)
         parts.append(maps.get(s) or identity(n))
         sizes.append(n)
-    return parts[0] if len(parts) == 1 else concat(parts, sizes)
+    if len(parts) == 1:
+        return parts[0]
+    return interleave(parts, view.sizes["head_dim"]) if interleaved else concat(parts, sizes)
+
+
+def scale_facts(view: ModelView, entry: Entry, maps: dict[str, WidthMap]) -> tuple[float, str]:
+    """A factor every operator needs on this tensor because of the model's own constants, and why: an
+    embedding that the model scales by a size-dependent factor (Gemma: sqrt(hidden)) is rescaled so that
+    what reaches the residual is what the operator meant; a tied head, which is that embedding, gets the
+    inverse folded into the final norm that feeds it."""
+    if "hidden" not in maps or view.spec.embedding_scale is None:
+        return 1.0, ""
+    r = view.spec.embedding_rescale(view.sizes, dict(view.sizes, hidden=maps["hidden"].size))
+    if entry.spec.role == "embedding":
+        return r, f"x {r:.6g}: the model scales embeddings by {view.spec.embedding_scale}"
+    if entry.spec.role == "final_norm" and view.tied:
+        return 1 / r, "embedding rescale of the tied head folded in"
+    return 1.0, ""
 
 
 def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, name: str | None = None,
@@ -71,8 +89,12 @@ def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, n
     spec: TensorSpec = entry.spec
     axes, shape = [], []
     split = None
+    factor, why = scale_facts(view, entry, maps)
+    if factor != 1.0:
+        scale *= factor
+        note = "; ".join(filter(None, [note, why]))
     for k, spaces in enumerate(spec.axes):
-        m = space_maps(view, maps, spaces)
+        m = space_maps(view, maps, spaces, spec.interleaved)
         if m is None:
             axes.append(None)
             shape.append(entry.info.shape[k])
@@ -90,6 +112,7 @@ def mapped_recipe(view: ModelView, entry: Entry, maps: dict[str, WidthMap], *, n
     return TensorRecipe(
         name=out, shape=tuple(shape), dtype=output_dtype(dtype, entry.info.dtype), sources=(entry.name,),
         axes=tuple(axes), scale=scale, init=init, split=split, seed=tensor_seed(seed, out), note=note,
+        offset=view.spec.value_offset(spec),
     )
 
 
@@ -116,8 +139,8 @@ def depth_config(view: ModelView, config: dict, layer_src: list[int]) -> dict:
     model whose layer i derives from source layer layer_src[i]."""
     spec = view.spec
     for key in spec.per_layer_keys:
-        values = get_path(config, key)
-        if isinstance(values, list):
+        values = spec.per_layer_values(key, config, view.sizes["layers"])
+        if values is not None:
             set_path(config, key, [values[j] for j in layer_src])
     for key in spec.layer_count_keys:
         count = get_path(config, key)

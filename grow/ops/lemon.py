@@ -40,6 +40,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
                          "new units and layers cannot start without changing the function.")
     s = view.sizes
     t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
+    _check_whole_projection_norms(view, s, t)
     d, D = s["hidden"], t["hidden"]
     copies, extra = divmod(D, d)
     share = copies * d / D  # fraction of the residual entries that hold copies of x
@@ -92,6 +93,18 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     )
 
 
+def _check_whole_projection_norms(view: ModelView, s: dict, t: dict) -> None:
+    """A q/k norm over the whole projection (OLMo-2) keeps its statistics only when every head is copied
+    equally often."""
+    for spec in view.spec.by_role("qk_norm"):
+        space = spec.axes[0][0]
+        count = {"q": "heads", "kv": "kv_heads"}.get(space)
+        if count and t[count] != s[count] and t[count] % s[count]:
+            raise UsageError(f"--method lemon cannot grow {s[count]} {count.replace('_', ' ')} to {t[count]} exactly in a "
+                             f"{view.architecture}: {spec.pattern} normalises all heads together, so every head must be "
+                             f"copied equally often; use a multiple of {s[count]} heads.")
+
+
 def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: float, extra: int, seed: int,
             dtype, snr: float | None, *, new_layer: bool):
     role = e.spec.role
@@ -110,8 +123,12 @@ def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: floa
     if role == "final_norm" and view.tied and (copies > 1 or share != 1.0):
         scale *= math.sqrt(share) / copies
         notes.append("1/k of the tied head (and its sqrt(D/kd)) folded in")
-    if new_layer and e.spec.writes_residual:
-        scale, notes = 0.0, ["new layer: writes nothing to the residual"]
+    if new_layer:
+        # a branch whose output is normalised writes nothing when that norm's weight is 0 (its input can stay:
+        # zeroing what a norm reads would make its gradient 1/sqrt(eps) large)
+        post_normed = bool(view.spec.by_role("post_norm"))
+        if role == "post_norm" or (e.spec.writes_residual and not post_normed):
+            scale, notes = 0.0, ["new layer: writes nothing to the residual"]
     note = "; ".join(notes)
     r = mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, init=init, note=note,
                       split_snr_db=snr)

@@ -66,3 +66,20 @@ def concat(maps: list[WidthMap], source_sizes: list[int]) -> WidthMap:
         offset += n
     labels = [m.label for m in maps if m.label]
     return WidthMap(torch.cat(srcs), torch.cat(fans), " | ".join(labels))
+
+
+def interleave(maps: list[WidthMap], head_dim: int) -> WidthMap:
+    """The map of a fused axis stored head by head ([head 0: q, k, v], [head 1: ...], GPT-NeoX) from the
+    maps of its parts, which must index the same number of heads before and after."""
+    parts = len(maps)
+    src = torch.stack([m.src for m in maps])  # [part, target heads x head_dim]
+    head, within = src.div(head_dim, rounding_mode="floor"), src.remainder(head_dim)
+    part = torch.arange(parts).view(-1, 1)
+    fused = torch.where(src >= 0, (head * parts + part) * head_dim + within, src)
+
+    def by_head(t: torch.Tensor) -> torch.Tensor:
+        return t.view(parts, -1, head_dim).transpose(0, 1).reshape(-1)
+
+    labels = [m.label for m in maps if m.label]
+    return WidthMap(by_head(fused), by_head(torch.stack([m.fan_in for m in maps])),
+                    (labels[0] + " (interleaved per head)") if labels else "")

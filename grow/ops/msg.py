@@ -50,7 +50,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
                 recipes.append(mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, init=_init(e.spec)))
 
     masks = _masks(view, s, t, [i for i, (_, new) in enumerate(layer_plan) if new], ramp_steps)
-    order = ", ".join(g["dimension"] for g in masks["growths"])
+    order = ", ".join(dict.fromkeys(g["dimension"] for g in masks["growths"]))
     return Plan(
         operation="expand", method="msg", exact=True, architecture=view.architecture,
         config=depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan]), recipes=recipes,
@@ -74,7 +74,7 @@ def _fresh(view: ModelView, e: Entry, name: str, sizes: dict[str, int], seed: in
     init = _init(e.spec)
     return TensorRecipe(name=name, shape=view.expected_shape(e.spec, e.info.shape, sizes),
                         dtype=output_dtype(dtype, e.info.dtype), init=init, seed=tensor_seed(seed, name),
-                        note="new layer")
+                        note="new layer", offset=view.spec.value_offset(e.spec))
 
 
 def _masks(view: ModelView, s: dict, t: dict, new_layers: list[int], ramp_steps: int) -> dict:
@@ -93,6 +93,9 @@ def _masks(view: ModelView, s: dict, t: dict, new_layers: list[int], ramp_steps:
     def reads(space):
         return lambda spec: spec.reads is not None and spec.axes[spec.reads] == (space,)
 
+    def normalises(space):
+        return lambda spec: spec.role in NORM_ROLES and spec.axes[0] == (space,)
+
     growths = []
     if t["ffn"] != s["ffn"]:  # the input of the FFN's output projection: one entry per unit
         growths.append({"dimension": "ffn", "site": "input", "new": [s["ffn"], t["ffn"]], "modules": modules(reads("ffn"))})
@@ -100,14 +103,22 @@ def _masks(view: ModelView, s: dict, t: dict, new_layers: list[int], ramp_steps:
         hd = s["head_dim"]
         growths.append({"dimension": "heads", "site": "input", "new": [s["heads"] * hd, t["heads"] * hd],
                         "modules": modules(reads("q"))})
-    if t["hidden"] != s["hidden"]:  # every norm of the residual: mask-aware statistics, masked output
+        for space, count in (("q", "heads"), ("kv", "kv_heads")):  # q/k norms over the whole projection (OLMo-2)
+            if t[count] != s[count] and modules(normalises(space)):
+                growths.append({"dimension": "heads", "site": "norm", "new": [s[count] * hd, t[count] * hd],
+                                "modules": modules(normalises(space))})
+    if t["hidden"] != s["hidden"]:  # every norm over hidden entries: mask-aware statistics, masked output
         growths.append({"dimension": "hidden", "site": "norm", "new": [s["hidden"], t["hidden"]],
-                        "modules": modules(lambda spec: spec.role in ("norm", "final_norm"))})
+                        "modules": modules(normalises("hidden"))})
+        if view.spec.branch_input == "residual":  # branches that read the residual itself see the new entries masked
+            growths.append({"dimension": "hidden", "site": "input", "new": [s["hidden"], t["hidden"]],
+                            "modules": modules(lambda spec: spec.per_layer and reads("hidden")(spec))})
     if new_layers:  # h <- alpha f(h) + (1 - alpha) h
         growths.append({"dimension": "layers", "site": "block", "layers": new_layers,
                         "modules": [view.spec.layer_module(i) for i in new_layers]})
-    for g, growth in enumerate(growths):
-        growth["start_step"] = g * ramp_steps
+    order = list(dict.fromkeys(g["dimension"] for g in growths))  # one ramp per dimension, in this order
+    for growth in growths:
+        growth["start_step"] = order.index(growth["dimension"]) * ramp_steps
         growth["ramp_steps"] = ramp_steps
-    return {"format": "grow-msg-masks/1", "norm": view.spec.norm, "framework": view.spec.framework,
-            "source_sizes": s, "target_sizes": t, "growths": growths}
+    return {"format": "grow-msg-masks/1", "norm": view.spec.norm, "norm_offset": view.spec.norm_offset,
+            "framework": view.spec.framework, "source_sizes": s, "target_sizes": t, "growths": growths}

@@ -28,6 +28,8 @@ ROUTERS = ("random", "zero")
 def choose_format(view: ModelView, name: str | None) -> MoeFormat:
     formats = moe_formats()
     arch = view.architecture
+    if view.spec.upcycle_refusal:
+        raise UsageError(f"grow upcycle cannot take a {arch} source: {view.spec.upcycle_refusal}.")
     if name is None:
         found = [f for f in formats.values() if arch in f.default_for]
         if not found:

@@ -31,6 +31,7 @@ class Masks:
         self.data = data
         self.growths: list[dict] = data["growths"]
         self.norm: str = data["norm"]
+        self.norm_offset: float = data.get("norm_offset", 0.0)  # norms that multiply by (offset + w), e.g. Gemma
         self.steps = 0  # optimizer steps taken since the growth
         self._handles: list = []
 
@@ -91,7 +92,7 @@ class Masks:
 
             def masked_norm(mod, args, output):
                 a = self.alpha(g)
-                return output if a >= 1.0 else _masked_norm(mod, args[0], self.norm, start, stop, a)
+                return output if a >= 1.0 else _masked_norm(mod, args[0], self.norm, start, stop, a, self.norm_offset)
 
             return module.register_forward_hook(masked_norm)
         if site == "block":
@@ -109,7 +110,8 @@ class Masks:
         raise GrowError(f"{MASKS_FILE} names a mask site {site!r} that this grow version does not know.")
 
 
-def _masked_norm(module, x: torch.Tensor, kind: str, start: int, stop: int, alpha: float) -> torch.Tensor:
+def _masked_norm(module, x: torch.Tensor, kind: str, start: int, stop: int, alpha: float,
+                 offset: float = 0.0) -> torch.Tensor:
     """The norm with entries [start, stop) counted with weight alpha in its statistics, and its outputs
     there scaled by alpha: at alpha = 0 the old entries are normalized exactly as in the source."""
     dtype = x.dtype
@@ -121,12 +123,12 @@ def _masked_norm(module, x: torch.Tensor, kind: str, start: int, stop: int, alph
     eps = module.eps if eps is None else eps
     if kind == "rms":
         y = xf * torch.rsqrt((m * xf.pow(2)).sum(-1, keepdim=True) / n + eps)
-        out = module.weight * y.to(dtype)
+        out = (module.weight + offset) * y.to(dtype)
     else:
         mean = (m * xf).sum(-1, keepdim=True) / n
         centred = xf - mean
         y = centred * torch.rsqrt((m * centred.pow(2)).sum(-1, keepdim=True) / n + eps)
-        out = y.to(dtype) * module.weight
+        out = y.to(dtype) * (module.weight + offset)
         if module.bias is not None:
             out = out + module.bias
     return out * m.to(out.dtype)
