@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import sys
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -40,13 +42,13 @@ class Setup(training.Shape):
     source_steps: int = 1500
     source_lr: float = 3e-3
     steps: int = 600  # after growth, for every compared model
-    lr: float = 3e-3  # after growth; the scratch baseline's best (see --lr-sweep)
-    warmup: int = 60
+    lr: float = 3e-3  # after growth, for every model: the scratch baseline's best of those tried (README)
+    warmup: int = 300  # half the training: the scratch baseline's best of those tried
     evals: int = 12  # held-out measurements per training run
     eval_windows: int = 128
 
 
-QUICK = dict(source_steps=300, steps=120, warmup=12, evals=6, eval_windows=64)
+QUICK = dict(source_steps=300, steps=120, warmup=60, evals=6, eval_windows=64)
 
 
 @dataclass
@@ -59,6 +61,8 @@ class Path_:
     twin: str  # name of the scratch model of the same shape
     masks: bool = False
     label: str = ""
+    lr: float | None = None  # a peak learning rate of its own (the scratch twin keeps the shared one)
+    plotted: bool = True  # variants that answer a question about a default are in the table only
 
 
 def paths(setup: Setup, snr: float | None) -> list[Path_]:
@@ -69,11 +73,15 @@ def paths(setup: Setup, snr: float | None) -> list[Path_]:
         Path_("hypercloning", "expand", dict(method="hypercloning", factor=2, **noise), "scratch_x2",
               label="HyperCloning x2 (default: element-wise split)"),
         Path_("hypercloning_no_noise", "expand", dict(method="hypercloning", factor=2, noise=False), "scratch_x2",
-              label="HyperCloning x2 --no-noise"),
+              label="HyperCloning x2 --no-noise", plotted=False),
+        *[Path_(f"hypercloning_snr{db:g}", "expand", dict(method="hypercloning", factor=2, noise_snr_db=db), "scratch_x2",
+                label=f"HyperCloning x2 --noise-snr-db {db:g}", plotted=False) for db in (0.0, 20.0)],
+        Path_("hypercloning_low_lr", "expand", dict(method="hypercloning", factor=2, **noise), "scratch_x2",
+              lr=setup.lr / 3, label=f"HyperCloning x2 at its own peak lr {setup.lr / 3:.2g} (scratch keeps {setup.lr:g})"),
         Path_("lemon", "expand", dict(method="lemon", **wide, **noise), "scratch_wide",
               label=f"LEMON to {wide['hidden']}/{wide['ffn']}/{wide['layers']} layers (element-wise split)"),
         Path_("lemon_column", "expand", dict(method="lemon", split="column", **wide), "scratch_wide",
-              label="LEMON, unequal column split (before)"),
+              label="LEMON, unequal column split (before)", plotted=False),
         Path_("msg", "expand", dict(method="msg", **wide, ramp_steps=max(1, setup.steps // 8)), "scratch_wide",
               masks=True, label="MSG, masks ramped by grow.runtime"),
         Path_("stack", "expand", dict(method="stack", layers=2 * L), "scratch_deep", label=f"G_stack to {2 * L} layers"),
@@ -112,11 +120,16 @@ def prepare_data(work: Path, setup: Setup) -> dict[str, torch.Tensor]:
 
 
 def batches(stream: torch.Tensor, setup: Setup, steps: int) -> torch.Tensor:
-    """Consecutive windows, each token seen once: [steps, batch, seq]."""
-    per_step = setup.batch * setup.seq
-    if stream.numel() < steps * per_step:
-        raise SystemExit(f"the text has {stream.numel()} tokens, too few for {steps} steps of {per_step}: fewer steps.")
-    return stream[: steps * per_step].view(steps, setup.batch, setup.seq)
+    """[steps, batch, seq]: the stream cut into windows, in one fixed shuffled order (the same for every
+    model), each token seen at most once. Shuffled because the stdlib in file order has long stretches
+    unlike the rest (tables of encodings, data modules) that swing every model's held-out loss."""
+    windows = stream[: stream.numel() // setup.seq * setup.seq].view(-1, setup.seq)
+    need = steps * setup.batch
+    if len(windows) < need:
+        raise SystemExit(f"the text has {len(windows)} windows of {setup.seq} tokens, too few for {steps} steps of "
+                         f"{setup.batch}: use fewer steps.")
+    order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))[:need]
+    return windows[order].view(steps, setup.batch, setup.seq)
 
 
 # ---- FLOPs -------------------------------------------------------------------------------------------
@@ -208,6 +221,7 @@ class Run:
     masks: bool = False
     seed: int = 1
     options: dict = field(default_factory=dict)  # how the start was made (part of the cache key)
+    basis: str = ""  # sha1 of the source weights and of the batch order code (part of the cache key)
     copies: dict = field(default_factory=dict)
     save_to: str | None = None
     curve: list = field(default_factory=list)  # [step, training FLOPs, held-out loss]
@@ -257,7 +271,7 @@ def train_run(run: Run, setup: Setup, stream: torch.Tensor, held_out: torch.Tens
 def run_cached(run: Run, setup: Setup, data: dict, work: Path) -> Run:
     """A training run, reused from work/runs when the same run was made before (same protocol and start)."""
     key = json.dumps([asdict(setup), run.name, run.folder, run.steps, run.lr, run.warmup, run.random_init,
-                      run.seed, run.options, sorted(run.copies)], sort_keys=True)
+                      run.seed, run.options, run.basis, sorted(run.copies)], sort_keys=True)
     cache = work / "runs" / f"{run.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.json"
     if cache.is_file() and not run.save_to:
         return Run(**{**asdict(run), **json.loads(cache.read_text())})
@@ -305,7 +319,7 @@ def summarize(results: dict[str, Run], chosen: list[Path_], source_flops: float)
             "scratch_loss": [loss_at(twin, f) for f in FRACTIONS],
             "continued_source_same_flops": loss_at_flops(cont, grown[-1][1]),
             "flops_to_scratch_final": reach, "scratch_flops": twin[-1][1],
-            "saving": twin[-1][1] / reach if reach else None,
+            "saving": twin[-1][1] / reach if reach else None,  # None at step 0 (unbounded) or never
             "saving_with_source": twin[-1][1] / (reach + source_flops) if reach is not None else None,
             "separation_start": results[p.name].separation_start, "separation": results[p.name].separation,
         })
@@ -318,9 +332,9 @@ def markdown(rows: list[dict]) -> str:
              "| FLOPs to scratch's final loss | saving | incl. source training | copies' separation (start -> end) |",
              "|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
-        reach = ("not reached" if r["flops_to_scratch_final"] is None
-                 else f"{r['flops_to_scratch_final']:.3g} of {r['scratch_flops']:.3g}")
-        saving = f"{r['saving']:.2f}x" if r["saving"] else "-"
+        reach = {None: "not reached", 0.0: "at step 0"}.get(r["flops_to_scratch_final"])
+        reach = reach or f"{r['flops_to_scratch_final']:.3g} of {r['scratch_flops']:.3g}"
+        saving = "unbounded" if r["flops_to_scratch_final"] == 0.0 else "-" if r["saving"] is None else f"{r['saving']:.2f}x"
         with_src = f"{r['saving_with_source']:.2f}x" if r["saving_with_source"] else "-"
         sep = "; ".join(f"{k}: {r['separation_start'][k]:.2g} -> {v:.2g}" for k, v in r["separation"].items()) or "-"
         cont = "-" if r["continued_source_same_flops"] is None else f"{r['continued_source_same_flops']:.3f}"
@@ -335,6 +349,7 @@ def plot(results: dict[str, Run], chosen: list[Path_], png: Path, title: str) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    chosen = [p for p in chosen if p.plotted]
     panels = [("width (HyperCloning, LEMON, MSG)", [p for p in chosen if not p.name.startswith(("moe", "stack"))]),
               ("depth (G_stack) and experts (MoE)", [p for p in chosen if p.name.startswith(("moe", "stack"))])]
     panels = [x for x in panels if x[1]]
@@ -356,7 +371,7 @@ def plot(results: dict[str, Run], chosen: list[Path_], png: Path, title: str) ->
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("held-out loss (nats / token)")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 160), fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
 
@@ -372,15 +387,16 @@ def step_flops(folder: Path, setup: Setup) -> float:
 
 
 def make_source(work: Path, setup: Setup, data: dict) -> Run:
+    """The trained source (cached in work/source with its tokenizer)."""
     import transformers
 
     folder = work / "source"
-    training.llama_config(setup, transformers.AutoTokenizer.from_pretrained(str(folder))).save_pretrained(str(folder))
     run = Run("source", str(folder), setup.source_steps, setup.source_lr, setup.source_steps // 10,
               random_init=True, seed=0)
     info = folder / "source_run.json"
     if info.is_file() and (folder / "model.safetensors").is_file():
         return Run(**{**asdict(run), **json.loads(info.read_text())})
+    training.llama_config(setup, transformers.AutoTokenizer.from_pretrained(str(folder))).save_pretrained(str(folder))
     run.save_to = str(folder)
     print(f"training the source ({setup.source_steps} steps)", file=sys.stderr)
     done = train_run(run, setup, data["source"], data["held_out"])
@@ -427,14 +443,17 @@ def main() -> None:
         fn = grow.expand if p.operation == "expand" else grow.upcycle
         fn(src, folder, force=True, **p.options)
         records[p.name] = json.loads((folder / "grow.json").read_text())
-        runs.append(Run(p.name, str(folder), setup.steps, setup.lr, setup.warmup, masks=p.masks,
+        runs.append(Run(p.name, str(folder), setup.steps, p.lr or setup.lr, setup.warmup, masks=p.masks,
                         options=p.options, copies=copy_structure(p, setup)))
         if p.twin not in twins:
             twins[p.twin] = Run(p.twin, str(folder), setup.steps, setup.lr, setup.warmup, random_init=True)
     runs += twins.values()
+    basis = hashlib.sha1((src / "model.safetensors").read_bytes() + inspect.getsource(batches).encode()).hexdigest()
     most = max(step_flops(Path(r.folder), setup) for r in runs) * setup.steps
     runs.append(Run("continued_source", str(src), math.ceil(most / step_flops(src, setup)), setup.lr,
                     setup.warmup, copies={}))
+    for r in runs:
+        r.basis = basis
     runs.sort(key=lambda r: -r.steps * step_flops(Path(r.folder), setup))
     with ProcessPoolExecutor(args.jobs) as pool:
         done = list(pool.map(run_cached, runs, [setup] * len(runs), [data] * len(runs), [work] * len(runs)))

@@ -1,4 +1,5 @@
-"""The executor's mechanisms: gather/scale recipes, row-blocked arithmetic, zero-sum noise, the streaming writer."""
+"""The executor's mechanisms: gather/scale recipes, row-blocked arithmetic, zero-sum noise, exact element-wise
+splits, the streaming writer."""
 
 import json
 
@@ -7,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import grow.plan as plan
-from grow.plan import AxisMap, Init, Noise, TensorRecipe, materialize
+from grow.plan import AxisMap, Init, Noise, Split, TensorRecipe, materialize, split_pieces
 from grow.writer import ShardedWriter, parse_size
 
 
@@ -132,3 +133,23 @@ def test_source_reads_every_dtype_exactly(tmp_path):
         got = source.get(k)
         assert got.dtype == v.dtype and torch.equal(got, v)
     source.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("copies", [2, 3])
+def test_split_pieces_sum_exactly_in_the_output_dtype(dtype, copies):
+    """Every piece is representable and the pieces of a group add up to the value bit for bit, over
+    magnitudes from subnormal-adjacent to large; a position in no group keeps its value."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(32, 40, generator=gen) * torch.logspace(-7, 3, 40)).to(dtype).float()
+    w[0, 0] = 0.0
+    block = torch.cat([w.repeat(1, copies), w[:, :1]], 1)  # plus one position that is not split
+    groups = torch.cat([torch.arange(40).repeat(copies), torch.tensor([-1])])
+    pieces = split_pieces(block.clone(), Split(1, groups, 10.0), dtype, torch.Generator().manual_seed(1))
+    assert torch.equal(pieces.to(dtype).float(), pieces)
+    total = sum(pieces[:, c * 40:(c + 1) * 40] for c in range(copies))
+    assert torch.equal(total, w)
+    assert torch.equal(pieces[:, -1], w[:, 0])
+    assert not torch.equal(pieces[:, :40], pieces[:, 40:80])  # the copies differ
+    share = pieces[:, :40] / w.where(w != 0, torch.ones(()))
+    assert share.min() >= 0 and share.max() <= 1  # each piece has W's sign and at most its magnitude
