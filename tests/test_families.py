@@ -30,6 +30,7 @@ EXACT = [
     # OLMo-2: branches read the residual itself, post-norms, q/k norms over the whole projection
     ("olmo2", False, "hypercloning", dict(factor=2)),
     ("olmo2", False, "lemon", dict(hidden=96, ffn=80, layers=3)),
+    ("olmo2", False, "lemon", dict(hidden=64, ffn=80, layers=3)),  # 6 -> 8 heads: one copy plus 2 new heads
     ("olmo2", False, "msg", dict(hidden=64, ffn=80, layers=3)),  # heads 6 -> 8 under the whole-projection norms
     # GPT-NeoX: parallel residual, q|k|v interleaved per head, partial rotary, LayerNorm, untied head
     ("gpt_neox", False, "hypercloning", dict(factor=3)),
@@ -173,8 +174,16 @@ def test_upcycle_refuses_families_without_a_moe_architecture(model_dir, tmp_path
     assert "ForCausalLM" in result.output and not (tmp_path / "moe").exists()
 
 
-def test_lemon_refuses_uneven_heads_under_whole_projection_norms(model_dir, tmp_path):
-    result = CliRunner().invoke(app, ["expand", str(model_dir("olmo2")), str(tmp_path / "x"), "--method", "lemon",
-                                      "--hidden", "64"])
-    assert result.exit_code == 2, result.output
-    assert "normalises all heads together" in result.output and not (tmp_path / "x").exists()
+def test_lemon_uneven_heads_under_whole_projection_norms(model_dir, tmp_path):
+    """OLMo-2, 6 -> 8 heads: one whole copy of every head plus new heads whose queries and keys are 0 and
+    whose output columns are 0; q_proj carries sqrt(8/6) so the whole-projection norm sees the same mean
+    square, and the norm's weight 1/sqrt(8/6)."""
+    src, dst = model_dir("olmo2"), tmp_path / "out"
+    grow.expand(src, dst, method="lemon", hidden=64)
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(dst / "model.safetensors"))
+    q, hd = b["model.layers.0.self_attn.q_proj.weight"], 8
+    assert torch.equal(q[6 * hd:], torch.zeros_like(q[6 * hd:]))
+    assert torch.equal(b["model.layers.0.self_attn.k_proj.weight"][3 * hd:], torch.zeros(1 * hd, 64))
+    assert torch.equal(b["model.layers.0.self_attn.o_proj.weight"][:, 6 * hd:], torch.zeros(64, 2 * hd))
+    torch.testing.assert_close(b["model.layers.0.self_attn.q_norm.weight"][:6 * hd],
+                               a["model.layers.0.self_attn.q_norm.weight"] * (6 / 8) ** 0.5)

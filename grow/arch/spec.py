@@ -31,6 +31,7 @@ class TensorSpec:
     role: str = "weight"
     regex: re.Pattern = field(compare=False, repr=False, default=None)
     interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
+    normalises: str | None = None  # a q/k norm over the whole projection: the module whose output it normalises
 
     @property
     def per_layer(self) -> bool:
@@ -103,7 +104,7 @@ class ArchSpec:
     def _tensor(t: dict) -> TensorSpec:
         axes = tuple(tuple(str(a).split("|")) for a in t["axes"])
         return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]),
-                          bool(t.get("interleaved", False)))
+                          bool(t.get("interleaved", False)), t.get("normalises"))
 
     def for_names(self, names) -> "ArchSpec":
         """This spec, with its optional prefix dropped when the checkpoint's names lack it, so that

@@ -78,12 +78,17 @@ def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:
     return t
 
 
-def grouped_heads(heads: int, kv_heads: int, new_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+def grouped_heads(heads: int, kv_heads: int, new_kv_heads: int,
+                  whole_copies: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Circular copies of kv heads, and of query heads group by group, so that target query head j
-    (which reads kv head j // group) copies a query head of the kv head that its kv head copies."""
+    (which reads kv head j // group) copies a query head of the kv head that its kv head copies.
+    whole_copies: only whole copies of all kv heads; the remaining kv heads and their query heads are new (-1)."""
     group = heads // kv_heads
     kv_src = torch.arange(new_kv_heads) % kv_heads
+    if whole_copies:
+        kv_src[new_kv_heads // kv_heads * kv_heads:] = -1
     head_src = kv_src.repeat_interleave(group) * group + torch.arange(group).repeat(new_kv_heads)
+    head_src[kv_src.repeat_interleave(group) < 0] = -1
     return head_src, kv_src
 
 

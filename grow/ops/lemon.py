@@ -40,7 +40,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
                          "new units and layers cannot start without changing the function.")
     s = view.sizes
     t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
-    _check_whole_projection_norms(view, s, t)
+    gains = _whole_projection_gains(view, s, t)
     d, D = s["hidden"], t["hidden"]
     copies, extra = divmod(D, d)
     share = copies * d / D  # fraction of the residual entries that hold copies of x
@@ -51,7 +51,7 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     if t["ffn"] != s["ffn"]:
         sources["ffn"] = torch.arange(t["ffn"]) % s["ffn"]
     if t["heads"] != s["heads"]:
-        head_src, kv_src = grouped_heads(s["heads"], s["kv_heads"], t["kv_heads"])
+        head_src, kv_src = grouped_heads(s["heads"], s["kv_heads"], t["kv_heads"], whole_copies=bool(gains))
         sources["q"], sources["kv"] = head_src, kv_src
 
     def maps_for(name: str) -> dict[str, WidthMap]:
@@ -72,11 +72,13 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     for e in view.globals():
         if e.spec.role == "head" and view.tied:
             continue  # the tie is kept; the 1/k it needs lives in the final norm
-        recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, snr, new_layer=False))
+        recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, snr, gains,
+                               new_layer=False))
     for i, (j, new) in enumerate(layer_plan):
         for e in view.layer(j):
             name = e.spec.name(i)
-            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, new_layer=new))
+            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, gains,
+                                   new_layer=new))
 
     config = depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan])
     how, note = symmetry_breaking(snr, column_split=split == "column")
@@ -93,20 +95,28 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     )
 
 
-def _check_whole_projection_norms(view: ModelView, s: dict, t: dict) -> None:
-    """A q/k norm over the whole projection (OLMo-2) keeps its statistics only when every head is copied
-    equally often."""
+def _whole_projection_gains(view: ModelView, s: dict, t: dict) -> dict[str, float]:
+    """A q/k norm over the whole projection (OLMo-2) keeps its statistics when every head is copied equally
+    often. Otherwise the heads are copied k whole times and the rest are new heads whose queries and keys
+    are 0 (their output projection columns are 0 too, so they add nothing); the projection that the norm
+    normalises is multiplied by g = sqrt(new heads / (k x old heads)), which keeps its mean square (and with
+    it eps), and the norm's weight by 1/g. Returns tensor pattern -> g (and 1/g); empty when not needed."""
+    if t["heads"] == s["heads"] or t["heads"] % s["heads"] == 0:
+        return {}
+    gains = {}
+    g = math.sqrt(t["heads"] / (t["heads"] // s["heads"] * s["heads"]))
     for spec in view.spec.by_role("qk_norm"):
-        space = spec.axes[0][0]
-        count = {"q": "heads", "kv": "kv_heads"}.get(space)
-        if count and t[count] != s[count] and t[count] % s[count]:
-            raise UsageError(f"--method lemon cannot grow {s[count]} {count.replace('_', ' ')} to {t[count]} exactly in a "
-                             f"{view.architecture}: {spec.pattern} normalises all heads together, so every head must be "
-                             f"copied equally often; use a multiple of {s[count]} heads.")
+        if spec.axes[0][0] in ("q", "kv"):
+            if spec.normalises is None:
+                raise UsageError(f"--method lemon cannot grow {s['heads']} heads to {t['heads']} exactly: "
+                                 f"{spec.pattern} normalises all heads together; use a multiple of {s['heads']}.")
+            gains[spec.pattern] = 1 / g
+            gains[spec.normalises + ".weight"] = gains[spec.normalises + ".bias"] = g
+    return gains
 
 
 def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: float, extra: int, seed: int,
-            dtype, snr: float | None, *, new_layer: bool):
+            dtype, snr: float | None, gains: dict[str, float], *, new_layer: bool):
     role = e.spec.role
     is_bias = e.name.endswith("bias")
     if role in NORM_ROLES:
@@ -123,6 +133,15 @@ def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: floa
     if role == "final_norm" and view.tied and (copies > 1 or share != 1.0):
         scale *= math.sqrt(share) / copies
         notes.append("1/k of the tied head (and its sqrt(D/kd)) folded in")
+    if e.spec.pattern in gains:
+        scale *= gains[e.spec.pattern]
+        notes.append(f"x {gains[e.spec.pattern]:.6g}: the whole-projection norm keeps its statistics")
+        if e.spec.role != "qk_norm":
+            init = Init("zeros")  # new heads: queries and keys 0
+    if view.spec.branch_input == "residual" and e.layer is not None and share != 1.0 and e.spec.reads is not None \
+            and e.spec.axes[e.spec.reads] == ("hidden",):
+        scale *= math.sqrt(share)  # no norm in front of the branch to carry it
+        notes.append("x sqrt(kd/D): reads the residual itself")
     if new_layer:
         # a branch whose output is normalised writes nothing when that norm's weight is 0 (its input can stay:
         # zeroing what a norm reads would make its gradient 1/sqrt(eps) large)
