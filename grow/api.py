@@ -53,6 +53,17 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
     return builder(view, **options)
 
 
+def _check_operation(view: ModelView, operation: str, method: str) -> None:
+    """The spec's `operations` list the methods that apply to its family (none listed: all of them)."""
+    allowed = view.spec.operations
+    if allowed is None or method in allowed.get(operation, ()):
+        return
+    if not any(allowed.values()):
+        raise UsageError(f"grow can only inspect a {view.architecture} checkpoint; it cannot {operation} one.")
+    can = "; ".join(f"{op} --method {' or '.join(methods)}" for op, methods in allowed.items() if methods)
+    raise UsageError(f"grow cannot {operation} a {view.architecture} checkpoint with --method {method}; it can {can}.")
+
+
 def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,
              shard_size, tol: float, progress, options: dict) -> dict:
     if method not in methods:
@@ -62,9 +73,7 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     shard_bytes = parse_size(shard_size)
     source = Source(src)
     view = ModelView(source)
-    if view.spec.operations is not None and operation not in view.spec.operations:
-        raise UsageError(f"grow can only {' or '.join(view.spec.operations)} a {view.architecture} checkpoint; "
-                         f"it cannot {operation} one.")
+    _check_operation(view, operation, method)
     if view.spec.single_file:
         shard_bytes = None
     plan = _build(methods[method], view, method, options)

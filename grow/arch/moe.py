@@ -1,4 +1,5 @@
-"""MoE output formats: the `moe_format` section of an architecture's spec file (names, config keys, routing)."""
+"""MoE output formats: the `moe_format` section of an architecture's spec file (names, config keys, routing);
+schema.MoeFormat defines its keys."""
 
 from __future__ import annotations
 
@@ -36,14 +37,14 @@ class MoeFormat:
 def moe_formats() -> dict[str, MoeFormat]:
     out = {}
     for spec in all_specs():
-        d = spec.data.get("moe_format")
-        if d is None:
+        if spec.model.moe_format is None:
             continue
+        d = spec.model.moe_format.model_dump()  # validated by schema.MoeFormat: every key present
         out[spec.family] = MoeFormat(
             name=spec.family, architecture=spec.architectures[0], model_type=d["model_type"],
-            sources=tuple(d["sources"]), default_for=tuple(d.get("default_for", ())), keys=d["keys"],
-            renormalize=d["renormalize"], dense_layers=d.get("dense_layers"), dense=d["dense"], router=d["router"],
-            expert=d["expert"], shared=d.get("shared"), forbidden=tuple(d.get("forbidden", ())),
-            required=tuple(d.get("required", ())), set=d.get("set", {}), refuse=tuple(d.get("refuse", ())),
+            sources=tuple(d["sources"]), default_for=tuple(d["default_for"]),
+            keys={k: v for k, v in d["keys"].items() if v is not None}, renormalize=d["renormalize"],
+            dense_layers=d["dense_layers"], dense=d["dense"], router=d["router"], expert=d["expert"], shared=d["shared"],
+            forbidden=tuple(d["forbidden"]), required=tuple(d["required"]), set=d["set"], refuse=tuple(d["refuse"]),
         )
     return out

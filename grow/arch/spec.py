@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import GrowError, UsageError
+from .schema import DERIVED_SPACES, FIXED_SPACE, SpecError, validate
 
 SPEC_DIR = Path(__file__).parent / "specs"
 
@@ -19,8 +20,6 @@ RESIDUAL_SOURCES = ("embedding", "position", "patch", "token")
 # Roles of elementwise norm parameters (weights and LayerNorm biases): norms of a branch's input, of the
 # residual before the head, of queries and keys, and of a branch's output before it is added (post_norm).
 NORM_ROLES = ("norm", "final_norm", "qk_norm", "post_norm")
-# Spaces whose size is a product of sizes rather than a size of its own.
-DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
 
 
 @dataclass(frozen=True)
@@ -60,51 +59,47 @@ class SizeKey:
 
 
 class ArchSpec:
-    def __init__(self, data: dict, source: Path):
+    """One spec file, validated by schema.Spec (the one place that defines what a spec may say)."""
+
+    def __init__(self, data: dict, source: Path, module_prefix: str = ""):
         self.file = source
-        self.family: str = data["family"]
-        self.framework: str = data["framework"]
-        self.architectures: list[str] = data["architectures"]
-        self.norm: str = data["norm"]
-        self.block: str = data.get("block", "pre_norm")
+        model = self.model = validate(data, source)
+        self.family: str = model.family
+        self.framework: str = model.framework
+        self.architectures: list[str] = model.architectures
+        self.norm: str = model.norm
+        self.block: str = model.block
         # what a layer's branches read: the normalised residual ("norm"), or the residual itself ("residual")
-        self.branch_input: str = data.get("branch_input", "norm")
+        self.branch_input: str = model.branch_input
         # the stored norm weight is w but the norm multiplies by (offset + w): operators act on offset + w
-        self.norm_offset: float = float(data.get("norm_offset", 0.0))
+        self.norm_offset: float = model.norm_offset
         # the model multiplies its token embeddings by this expression over the sizes (e.g. hidden ** 0.5)
-        self.embedding_scale: str | None = _expr(data.get("embedding_scale"))
+        self.embedding_scale: str | None = _expr(model.embedding_scale)
         # why no MoE format can hold this family (grow upcycle refuses it with this reason)
-        self.upcycle_refusal: str | None = data.get("upcycle_refusal")
-        self.single_file: bool = bool(data.get("single_file", False))  # the framework reads no sharded weights
-        tie = data.get("tie")
-        self.tie_key: str | None = tie["key"] if tie else None
-        self.tie_default: bool = bool(tie and tie["default"])
+        self.upcycle_refusal: str | None = model.upcycle_refusal
+        self.single_file: bool = model.single_file  # the framework reads no sharded weights
+        self.tie_key: str | None = model.tie.key if model.tie else None
+        self.tie_default: bool = bool(model.tie and model.tie.default)
         self.sizes: dict[str, SizeKey] = {
-            k: SizeKey(v.get("key"), _expr(v.get("default")), v.get("ratio_of"), tuple(v.get("mirror", ())),
-                       tuple(v.get("aliases", ())))
-            for k, v in data["sizes"].items()
+            k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases))
+            for k, v in model.sizes.items()
         }
-        self.per_layer_keys: list[str] = data.get("per_layer", [])
-        self.layer_count_keys: list[str] = data.get("layer_counts", [])
+        self.per_layer_keys: list[str] = model.per_layer
+        self.layer_count_keys: list[str] = model.layer_counts
         # per-layer entries that the framework derives when the config leaves them out:
         # key -> {value: expression over i (the layer) and config keys, config: {config key: default}}
-        self.per_layer_defaults: dict[str, dict] = data.get("per_layer_default", {})
-        self.optional_prefix: str = data.get("optional_prefix", "")
+        self.per_layer_defaults: dict[str, dict] = {k: v.model_dump() for k, v in model.per_layer_default.items()}
+        self.optional_prefix: str = model.optional_prefix
         # the prefix the model's module paths have but this checkpoint's tensor names lack (see for_names)
-        self.module_prefix: str = data.get("module_prefix", "")
+        self.module_prefix: str = module_prefix
         # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
-        self.size_checks: dict[str, list[str]] = data.get("size_checks", {})
-        self.tensors = [self._tensor(t) for t in data["tensors"]]
-        self.ignore = [_pattern_regex(p) for p in data.get("ignore", [])]
-        # the operations grow can apply to a source of this family; None: all of them
-        self.operations: list[str] | None = data.get("operations")
-        self.data = data  # sections that other modules read (e.g. moe_format)
-
-    @staticmethod
-    def _tensor(t: dict) -> TensorSpec:
-        axes = tuple(tuple(str(a).split("|")) for a in t["axes"])
-        return TensorSpec(t["name"], axes, t.get("reads"), t.get("role", "weight"), _pattern_regex(t["name"]),
-                          bool(t.get("interleaved", False)), t.get("normalises"))
+        self.size_checks: dict[str, list[str]] = model.size_checks
+        self.tensors = [TensorSpec(t.name, tuple(tuple(a.split("|")) for a in t.axes), t.reads, t.role,
+                                   _pattern_regex(t.name), t.interleaved, t.normalises) for t in model.tensors]
+        self.ignore = [_pattern_regex(p) for p in model.ignore]
+        # operation -> the methods grow can apply to a source of this family; None: all of them
+        self.operations: dict[str, list[str]] | None = model.operations
+        self.data = data  # the file as written (for_names rewrites it)
 
     def for_names(self, names) -> "ArchSpec":
         """This spec, with its optional prefix dropped when the checkpoint's names lack it, so that
@@ -112,10 +107,10 @@ class ArchSpec:
         p = self.optional_prefix
         if not p or any(n.startswith(p) for n in names):
             return self
-        data = dict(self.data, optional_prefix="", module_prefix=p)
+        data = dict(self.data, optional_prefix="")
         data["tensors"] = [dict(t, name=t["name"].removeprefix(p)) for t in data["tensors"]]
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
-        return ArchSpec(data, self.file)
+        return ArchSpec(data, self.file, module_prefix=p)
 
     def module_path(self, name: str) -> str:
         """Where a tensor (or the module named by a tensor name without its suffix) lives in the model."""
@@ -195,7 +190,7 @@ class ArchSpec:
 
     def space_size(self, space: str, sizes: dict[str, int]) -> int | None:
         """Length of one space's axis; None for axes that no operator changes."""
-        if space == "fixed":
+        if space == FIXED_SPACE:
             return None
         if space in DERIVED_SPACES:
             a, b = DERIVED_SPACES[space]
@@ -283,9 +278,28 @@ def set_path(config: dict, path: str, value) -> None:
     node[parts[-1]] = value
 
 
+def load_spec(path: Path) -> ArchSpec:
+    """One spec file, validated (SpecError names the file and the key when it breaks the schema)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+    return ArchSpec(data, path)
+
+
+def load_specs(folder: Path) -> tuple[ArchSpec, ...]:
+    specs = tuple(load_spec(p) for p in sorted(folder.glob("*.yaml")))
+    families: dict[str, Path] = {}
+    for s in specs:
+        if s.family in families:
+            raise SpecError(f"spec {s.file}: family {s.family} is already defined by {families[s.family]}.")
+        families[s.family] = s.file
+    return specs
+
+
 @cache
 def all_specs() -> tuple[ArchSpec, ...]:
-    return tuple(ArchSpec(yaml.safe_load(p.read_text()), p) for p in sorted(SPEC_DIR.glob("*.yaml")))
+    return load_specs(SPEC_DIR)
 
 
 def supported_architectures() -> list[str]:

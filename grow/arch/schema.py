@@ -1,0 +1,270 @@
+"""The spec file format (grow/arch/specs/*.yaml), validated: every key, role and space a spec may use.
+
+A spec that uses a key this schema does not define, a role or space nobody defines, or a size that no
+entry under `sizes` provides is refused with the file and the key named. To add a key: add a field to
+the model of its section below (with a default if older specs lack it), then read it in ArchSpec."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import GrowError
+
+# What each tensor role means to the operators.
+ROLES = {
+    "weight": "an ordinary Linear weight or bias (the default)",
+    "embedding": "token embedding: writes the residual stream",
+    "position": "learned positions: write the residual stream",
+    "patch": "patch embedding (vision): writes the residual stream",
+    "token": "a learned token such as a class token: writes the residual stream",
+    "norm": "elementwise weight or bias of a norm inside a block",
+    "final_norm": "elementwise weight or bias of the norm before the head",
+    "qk_norm": "elementwise weight of a query or key norm (per head, or over the whole projection)",
+    "post_norm": "elementwise weight of a norm on a branch's output before it is added to the residual",
+    "head": "output head (possibly tied to the embedding)",
+    "router": "mixture-of-experts router rows (or a shared expert's gate): read the residual",
+}
+# Spaces every spec has; "fixed" marks axes no operator changes, q and kv are heads x head_dim.
+FIXED_SPACE = "fixed"
+DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
+REQUIRED_SIZES = ("hidden", "layers", "heads", "kv_heads", "head_dim")
+OPERATIONS = ("expand", "shrink", "upcycle")
+PLACEHOLDER = re.compile(r"\{[^}]*\}")
+
+
+class SpecError(GrowError):
+    """A spec file that does not follow the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tie(_Strict):
+    key: str  # boolean config key that says whether the head is the embedding
+    default: bool  # its value when the config leaves it out
+
+
+class Size(_Strict):
+    key: Optional[str] = None  # dotted path into config.json; none: the size is implied by `default`
+    default: Union[str, int, None] = None  # expression over other sizes, used when the key is absent or null
+    ratio_of: Optional[str] = None  # the config stores size / sizes[ratio_of]
+    mirror: list[str] = []  # other config paths that hold the same value
+    aliases: list[str] = []  # config paths read when `key` is absent (names that changed over versions)
+
+
+class Tensor(_Strict):
+    name: str  # "{i}" stands for the layer index, "{e}" for an expert index
+    axes: list[str]  # per axis, a space, or spaces concatenated along it joined by "|"
+    reads: Optional[int] = None  # the fan-in axis: the one contracted with the input
+    role: Literal[tuple(ROLES)] = "weight"
+    interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
+    normalises: Optional[str] = None  # a q/k norm over the whole projection: the module whose output it normalises
+
+
+class MoeKeys(_Strict):
+    experts: str
+    top_k: str
+    expert_ffn: str
+    shared_ffn: Optional[str] = None
+
+
+class RenormalizeKey(_Strict):
+    key: str  # a boolean config key that says whether the top-k weights are renormalised
+
+
+class DenseLayers(_Strict):
+    list: str  # config key listing the dense layers
+    step: str  # config key: with an empty list, layer i is sparse when (i + 1) % step == 0
+
+
+class FfnParts(_Strict):
+    gate: str
+    up: str
+    down: str
+
+
+class SharedParts(FfnParts):
+    router: str  # the one-row gate whose sigmoid scales the shared expert's output
+
+
+class Required(_Strict):
+    name: str
+    like: str  # the tensor whose axis gives its length
+    axis: int
+
+
+class Refusal(_Strict):
+    architecture: str
+    key: str
+    why: str
+
+
+class MoeFormat(_Strict):
+    model_type: str
+    sources: list[str]  # dense architectures this format can hold
+    default_for: list[str] = []  # those for which it is the default
+    keys: MoeKeys  # config keys that transformers 4 and 5 both read
+    renormalize: Union[Literal["always"], RenormalizeKey]
+    dense_layers: Optional[DenseLayers] = None  # none: every layer is sparse
+    dense: FfnParts  # the dense source's FFN, by part
+    router: str
+    expert: FfnParts
+    shared: Optional[SharedParts] = None
+    forbidden: list[str] = []  # source tensors the format has no place for
+    required: list[Required] = []  # tensors the format always has: zeros when the source lacks them
+    set: dict[str, Any] = {}  # fixed config values
+    refuse: list[Refusal] = []  # source config settings the format cannot express
+
+
+class PerLayerDefault(_Strict):
+    value: str  # expression over i (the layer) and the config keys below
+    config: dict[str, Any] = {}  # config key -> its default when the config leaves it out
+
+
+class Spec(_Strict):
+    family: str
+    framework: Literal["transformers", "timm"]
+    architectures: list[str]  # fnmatch patterns of the architecture names this spec reads
+    norm: Literal["rms", "layer"]
+    block: Literal["pre_norm", "post_norm"] = "pre_norm"
+    branch_input: Literal["norm", "residual"] = "norm"  # what a layer's branches read
+    norm_offset: float = 0.0  # the norms multiply by (offset + w), w the stored weight
+    embedding_scale: Union[str, float, None] = None  # expression over sizes the model multiplies its embeddings by
+    upcycle_refusal: Optional[str] = None  # why no MoE format can hold this family
+    single_file: bool = False  # the framework reads no sharded weights
+    tie: Optional[Tie] = None
+    sizes: dict[str, Size]
+    per_layer: list[str] = []  # config entries holding one value per layer
+    layer_counts: list[str] = []  # config entries counting layers (the first N are special)
+    per_layer_default: dict[str, PerLayerDefault] = {}  # per-layer entries the framework derives when absent
+    optional_prefix: str = ""  # a tensor-name prefix some checkpoints of the family lack
+    size_checks: dict[str, list[str]] = {}  # architecture pattern -> conditions over sizes the framework enforces
+    ignore: list[str] = []  # tensor names to skip (buffers the framework rebuilds)
+    # operation -> the methods grow can apply to a source of this family; none: every method of every operation
+    operations: Optional[dict[Literal[OPERATIONS], list[str]]] = None
+    tensors: list[Tensor]
+    moe_format: Optional[MoeFormat] = None  # how `grow upcycle` writes this format
+
+
+def validate(data, file: Path) -> Spec:
+    """The spec in `data` (parsed YAML of `file`), or SpecError naming the file and every bad key."""
+    if not isinstance(data, dict):
+        raise SpecError(f"spec {file}: expected a mapping of keys at the top level, found {type(data).__name__}.")
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(f"spec {file}: " + "; ".join(_describe(err, data) for err in e.errors()) + ".") from None
+    problems = _references(spec)
+    if problems:
+        raise SpecError(f"spec {file}: " + "; ".join(problems) + ".")
+    return spec
+
+
+def _describe(err: dict, data: dict) -> str:
+    where = _location(err["loc"], data)
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {where}"
+    if err["type"] == "missing":
+        return f"missing key {where}"
+    return f"{where}: {err['msg']} (found {err.get('input')!r})"
+
+
+def _location(loc: tuple, data: dict) -> str:
+    """A pydantic error location as the spec author reads it: sizes.hidden.kye, tensors[3] (name).role."""
+    text, node = "", data
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+            if isinstance(node, dict) and "name" in node:
+                text += f" ({node['name']})"
+        elif part in ("[key]", "literal['always']", "RenormalizeKey", "str", "int", "none"):
+            continue  # a mapping's key, or the branch of a union pydantic tried
+        else:
+            text += ("." if text else "") + str(part)
+            node = node.get(part) if isinstance(node, dict) else None
+    return text
+
+
+def _names(expr) -> set[str]:
+    if isinstance(expr, (int, float)):
+        return set()
+    return {n.id for n in ast.walk(ast.parse(str(expr), mode="eval")) if isinstance(n, ast.Name)}
+
+
+def _references(spec: Spec) -> list[str]:
+    """Every size, space and tensor that one entry names and another must define."""
+    out = []
+    sizes = set(spec.sizes)
+    out += [f"sizes.{name}: missing; every spec defines {', '.join(REQUIRED_SIZES)}"
+            for name in REQUIRED_SIZES if name not in sizes]
+    for name, size in spec.sizes.items():
+        if size.key is None and size.default is None:
+            out.append(f"sizes.{name}: needs a key or a default")
+        try:
+            unknown = _names(size.default) - sizes if size.default is not None else set()
+        except SyntaxError:
+            out.append(f"sizes.{name}.default: {size.default!r} is not an expression")
+            continue
+        out += [f"sizes.{name}.default uses size {u}, which sizes does not define" for u in sorted(unknown)]
+        if size.ratio_of is not None and size.ratio_of not in sizes:
+            out.append(f"sizes.{name}.ratio_of: size {size.ratio_of} is not defined under sizes")
+    if spec.embedding_scale is not None:
+        try:
+            out += [f"embedding_scale uses size {u}, which sizes does not define"
+                    for u in sorted(_names(spec.embedding_scale) - sizes)]
+        except SyntaxError:
+            out.append(f"embedding_scale: {spec.embedding_scale!r} is not an expression")
+    out += [f"per_layer_default.{key}: {key} is not listed under per_layer" for key in spec.per_layer_default
+            if key not in spec.per_layer]
+    for pattern, conditions in spec.size_checks.items():
+        for cond in conditions:
+            try:
+                unknown = _names(cond) - sizes
+            except SyntaxError:
+                out.append(f"size_checks.{pattern}: {cond!r} is not an expression")
+                continue
+            out += [f"size_checks.{pattern}: {cond!r} uses size {u}, which sizes does not define" for u in sorted(unknown)]
+    names = set()
+    for k, t in enumerate(spec.tensors):
+        where = f"tensors[{k}] ({t.name})"
+        if t.name in names:
+            out.append(f"{where}: the tensor is listed twice")
+        names.add(t.name)
+        for axis in t.axes:
+            for space in axis.split("|"):
+                if space in DERIVED_SPACES:
+                    out += [f"{where}.axes: space {space} needs size {n}, which sizes does not define"
+                            for n in DERIVED_SPACES[space] if n not in sizes]
+                elif space != FIXED_SPACE and space not in sizes:
+                    out.append(f"{where}.axes: unknown space {space}; an axis is a size defined under sizes, "
+                               f"{', '.join(DERIVED_SPACES)} or {FIXED_SPACE}")
+        if t.normalises is not None and not any(n.name.startswith(t.normalises + ".") for n in spec.tensors):
+            out.append(f"{where}.normalises: {t.normalises} is not a module of the tensors")
+        if t.reads is not None and not 0 <= t.reads < len(t.axes):
+            out.append(f"{where}.reads: {t.reads} is not one of its {len(t.axes)} axes")
+        out += [f"{where}: unknown placeholder {p}; a name may use {{i}} (layer) and {{e}} (expert)"
+                for p in PLACEHOLDER.findall(t.name) if p not in ("{i}", "{e}")]
+        if "{e}" in t.name and ("{i}" not in t.name or "experts" not in sizes):
+            out.append(f"{where}: an expert index {{e}} needs a layer index {{i}} and the size experts")
+    fmt = spec.moe_format
+    if fmt is not None:
+        patterns = {"router": fmt.router, **{f"expert.{p}": v for p, v in fmt.expert.model_dump().items()}}
+        if fmt.shared is not None:
+            patterns.update({f"shared.{p}": v for p, v in fmt.shared.model_dump().items()})
+        out += [f"moe_format.{key}: {pattern} is not one of the tensors" for key, pattern in patterns.items()
+                if pattern not in names]
+        out += [f"moe_format.default_for: {a} is not in moe_format.sources" for a in fmt.default_for
+                if a not in fmt.sources]
+        for size in ("experts", "expert_ffn", "shared_ffn"):
+            key = getattr(fmt.keys, size)
+            if key is not None and (size not in sizes or key not in (spec.sizes[size].key, *spec.sizes[size].aliases)):
+                out.append(f"moe_format.keys.{size}: {key} is not the config key of sizes.{size}")
+    return out
+

@@ -1,0 +1,140 @@
+"""Spec files are validated data: every shipped spec loads, and a spec with a typo is refused with its
+file and key named."""
+
+import re
+
+import pytest
+import yaml
+
+from grow.arch.schema import ROLES, SpecError
+from grow.arch.spec import SPEC_DIR, all_specs, load_spec, load_specs
+
+
+def test_every_shipped_spec_loads():
+    specs = all_specs()
+    assert {p.stem for p in SPEC_DIR.glob("*.yaml")} == {s.file.stem for s in specs}
+    for spec in specs:
+        assert spec.tensors and {"hidden", "layers"} <= set(spec.sizes)
+        assert all(t.role in ROLES for t in spec.tensors)
+
+
+def _llama() -> dict:
+    return yaml.safe_load((SPEC_DIR / "llama.yaml").read_text())
+
+
+def _qwen2_moe() -> dict:
+    return yaml.safe_load((SPEC_DIR / "qwen2_moe.yaml").read_text())
+
+
+def _tensor(data: dict, suffix: str) -> dict:
+    return next(t for t in data["tensors"] if t["name"].endswith(suffix))
+
+
+def _typo_top(d):
+    d["per_layers"] = d.pop("per_layer")
+
+
+def _typo_size(d):
+    d["sizes"]["ffn"] = {"kye": "intermediate_size"}
+
+
+def _typo_role(d):
+    _tensor(d, "input_layernorm.weight")["role"] = "nrom"
+
+
+def _typo_tensor_key(d):
+    _tensor(d, "q_proj.weight")["raeds"] = 1
+
+
+def _typo_space(d):
+    _tensor(d, "gate_proj.weight")["axes"] = ["fnn", "hidden"]
+
+
+def _undefined_size(d):
+    del d["sizes"]["ffn"]
+
+
+def _undefined_default(d):
+    d["sizes"]["head_dim"]["default"] = "hiden // heads"
+
+
+def _undefined_check(d):
+    d["size_checks"]["LlamaForCausalLM"] = ["hidden % head == 0"]
+
+
+def _bad_reads(d):
+    _tensor(d, "o_proj.weight")["reads"] = 2
+
+
+def _bad_placeholder(d):
+    _tensor(d, "o_proj.weight")["name"] = "model.layers.{layer}.self_attn.o_proj.weight"
+
+
+def _moe_typo(d):
+    d["moe_format"]["renormalise"] = d["moe_format"].pop("renormalize")
+
+
+def _moe_nested_typo(d):
+    d["moe_format"]["shared"]["routr"] = d["moe_format"]["shared"].pop("router")
+
+
+def _moe_unknown_tensor(d):
+    d["moe_format"]["router"] = "model.layers.{i}.mlp.router.weight"
+
+
+def _bad_operation(d):
+    d["operations"] = {"widen": ["hypercloning"]}
+
+
+CASES = [
+    (_llama, _typo_top, "unknown key per_layers"),
+    (_llama, _typo_size, "unknown key sizes.ffn.kye"),
+    (_llama, _typo_role, "tensors[1] (model.layers.{i}.input_layernorm.weight).role"),
+    (_llama, _typo_tensor_key, "unknown key tensors[2] (model.layers.{i}.self_attn.q_proj.weight).raeds"),
+    (_llama, _typo_space, "(model.layers.{i}.mlp.gate_proj.weight).axes: unknown space fnn"),
+    (_llama, _undefined_size, "(model.layers.{i}.mlp.down_proj.weight).axes: unknown space ffn"),
+    (_llama, _undefined_default, "sizes.head_dim.default uses size hiden"),
+    (_llama, _undefined_check, "size_checks.LlamaForCausalLM: 'hidden % head == 0' uses size head"),
+    (_llama, _bad_reads, "o_proj.weight).reads: 2 is not one of its 2 axes"),
+    (_llama, _bad_placeholder, "unknown placeholder {layer}"),
+    (_qwen2_moe, _moe_typo, "unknown key moe_format.renormalise"),
+    (_qwen2_moe, _moe_nested_typo, "unknown key moe_format.shared.routr"),
+    (_qwen2_moe, _moe_unknown_tensor, "moe_format.router: model.layers.{i}.mlp.router.weight is not one of the tensors"),
+    (_qwen2_moe, _bad_operation, "operations.widen"),
+]
+
+
+@pytest.mark.parametrize("base,change,message", CASES, ids=[c[1].__name__.strip("_") for c in CASES])
+def test_a_broken_spec_is_refused_with_file_and_key(tmp_path, base, change, message):
+    data = base()
+    change(data)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(SpecError, match=re.escape(f"spec {path}: ")) as err:
+        load_spec(path)
+    assert message in str(err.value), str(err.value)
+
+
+def test_unknown_role_lists_the_known_ones(tmp_path):
+    data = _llama()
+    _typo_role(data)
+    (tmp_path / "llama.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as err:
+        load_specs(tmp_path)
+    assert "'nrom'" in str(err.value) and "'final_norm'" in str(err.value)
+
+
+def test_two_specs_of_one_family_are_refused(tmp_path):
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text((SPEC_DIR / "gpt2.yaml").read_text())
+    with pytest.raises(SpecError, match=r"b.yaml: family gpt2 is already defined by .*a.yaml"):
+        load_specs(tmp_path)
+
+
+def test_a_spec_that_is_not_a_mapping_or_not_yaml_is_refused(tmp_path):
+    (tmp_path / "list.yaml").write_text("- family: x\n")
+    with pytest.raises(SpecError, match="list.yaml: expected a mapping"):
+        load_spec(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("family: [x\n")
+    with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
+        load_spec(tmp_path / "bad.yaml")
