@@ -277,34 +277,31 @@ def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: tor
     """Replace the copies of each group along split.axis (equal values V) by pieces that sum to V
     exactly once written in `dtype`: all pieces but the last are V times a random share in [0, 1/(m-1)],
     truncated to the grid of ulp(V) in `dtype`, so they have V's sign and at most its magnitude; the
-    last is V minus their sum, a multiple of that ulp between 0 and V, hence representable too."""
+    last is V minus their sum, a multiple of that ulp between 0 and V, hence representable too.
+    Groups of one size m are gathered into a [..., groups, m] block, so the work is a few whole-tensor ops."""
     bits, tiny = _FORMATS[dtype]
     x = block.movedim(split.axis, -1)
+    out = x.to(dtype).float()  # the values the pieces must sum to, as the output dtype holds them
     groups = split.groups.long()
-    member = groups >= 0
-    ids = groups.clamp(min=0)
-    ngroups = int(groups.max()) + 1 if member.any() else 0
-    size = torch.bincount(ids[member], minlength=ngroups).float()
-    m = torch.where(member, size[ids], torch.ones(()))  # copies in each position's group
-    # the last member of each group takes the remainder
-    order = torch.arange(groups.numel())
-    last_at = torch.full((max(ngroups, 1),), -1, dtype=torch.long).scatter_reduce(0, ids[member], order[member], "amax")
-    last = member & (order == last_at[ids])
-    v = x.to(dtype).float()  # the value the pieces must sum to, as the output dtype holds it
-    z = torch.randn(x.shape, generator=gen)
-    sums = torch.zeros((*x.shape[:-1], max(ngroups, 1))).index_add_(-1, ids[member], z[..., member])
-    z[..., member] -= (sums / size.clamp(min=1))[..., ids[member]]
-    z *= torch.where(m > 1, (m / (m - 1).clamp(min=1)).sqrt(), torch.zeros(()))  # centring removed 1/m of the variance
-    share = 1 / m + z * (10 ** (-split.snr_db / 20) / m)
-    share = torch.minimum(share.clamp(min=0), 1 / (m - 1).clamp(min=1))
-    _, exponent = torch.frexp(v)
-    ulp = torch.ldexp(torch.ones_like(v), (exponent - bits).clamp(min=tiny))
-    pieces = torch.trunc(v * share / ulp) * ulp
-    pieces[..., ~member] = v[..., ~member]
-    pieces[..., last] = 0
-    taken = torch.zeros_like(sums).index_add_(-1, ids[member], pieces[..., member])
-    pieces[..., last] = v[..., last] - taken[..., ids[last]]
-    return pieces.movedim(-1, split.axis)
+    member = torch.nonzero(groups >= 0).flatten()
+    if not member.numel():
+        return block
+    # member positions ordered by group, so that each group's copies are adjacent
+    member = member[torch.argsort(groups[member], stable=True)]
+    size = torch.bincount(groups[member])[groups[member]]
+    for m in size.unique().tolist():
+        at = member[size == m]  # positions of the groups of m copies, group after group
+        v = out.index_select(-1, at).unflatten(-1, (-1, m))
+        z = torch.randn(v.shape, generator=gen)
+        if m > 1:  # zero-sum noise over each group, its variance restored after centring
+            z = (z - z.mean(-1, keepdim=True)) * (m / (m - 1)) ** 0.5
+        share = (1 / m + z * (10 ** (-split.snr_db / 20) / m)).clamp_(0, 1 / max(m - 1, 1))
+        # ulp of V in the output dtype: V's power of two (its float32 exponent bits) times 2^(1 - bits)
+        ulp = (v.view(torch.int32) & 0x7F800000).view(torch.float32).mul_(2.0 ** (1 - bits)).clamp_(min=2.0 ** tiny)
+        pieces = torch.trunc(v * share / ulp).mul_(ulp)
+        pieces[..., -1] = v[..., -1] - pieces[..., :-1].sum(-1)  # exact: multiples of ulp(V) within V
+        out.index_copy_(-1, at, pieces.flatten(-2))
+    return out.movedim(-1, split.axis)
 
 
 def zero_sum_noise(shape, noise: Noise, std: float, gen: torch.Generator) -> torch.Tensor:
