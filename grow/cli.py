@@ -210,6 +210,7 @@ def shrink(
     heads: Annotated[Optional[int], typer.Option(help="Target number of attention heads (whole heads).")] = None,
     kv_heads: Annotated[Optional[int], typer.Option(help="Target number of kv heads (whole kv groups).")] = None,
     layers: Annotated[Optional[int], typer.Option(help="Target number of layers.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="select: target number of experts of a mixture of experts.")] = None,
     layer_selection: Annotated[Optional[str], typer.Option(help="select: first (default) or uniform.")] = None,
     element_selection: Annotated[Optional[str], typer.Option(help="select: uniform (default), first or random.")] = None,
     calibration: Annotated[Optional[str], typer.Option(help="subclone: text file or folder (images for timm) to measure activations on.")] = None,
@@ -228,7 +229,7 @@ def shrink(
 ):
     """Write a smaller model that keeps as much of SRC as the method can (sizes left out stay)."""
     _run_operation(api.shrink, src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
-                   kv_heads=kv_heads, layers=layers, layer_selection=layer_selection,
+                   kv_heads=kv_heads, layers=layers, experts=experts, layer_selection=layer_selection,
                    element_selection=element_selection, calibration=calibration,
                    calibration_tokens=calibration_tokens, scores=scores, seed=seed, dtype=dtype,
                    shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)

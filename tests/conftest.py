@@ -26,3 +26,10 @@ def model_dir(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def pytest_report_header(config):
+    import transformers
+
+    # make test runs the suite under the current transformers and under 4.57 (.venv-compat)
+    return f"transformers {transformers.__version__}"

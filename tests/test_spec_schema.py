@@ -138,3 +138,11 @@ def test_a_spec_that_is_not_a_mapping_or_not_yaml_is_refused(tmp_path):
     (tmp_path / "bad.yaml").write_text("family: [x\n")
     with pytest.raises(SpecError, match="bad.yaml: not valid YAML"):
         load_spec(tmp_path / "bad.yaml")
+
+
+def test_an_moe_spec_needs_top_k(tmp_path):
+    data = yaml.safe_load((SPEC_DIR / "mixtral.yaml").read_text())
+    del data["sizes"]["top_k"]
+    (tmp_path / "mixtral.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError, match="sizes.top_k: missing; a spec with experts defines top_k"):
+        load_spec(tmp_path / "mixtral.yaml")

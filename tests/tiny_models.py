@@ -67,6 +67,17 @@ def _config(kind: str, tied: bool):
     if kind == "gpt2":
         return tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                              tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
+    moe = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, **common)
+    if kind == "mixtral":  # every layer sparse, the top-k weights always renormalised
+        return tf.MixtralConfig(intermediate_size=40, num_local_experts=4, **moe)
+    if kind == "qwen2_moe":  # a shared expert behind its sigmoid gate; layer 1 dense; no renormalisation
+        return tf.Qwen2MoeConfig(intermediate_size=56, moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                 num_experts=4, mlp_only_layers=[1], **moe)
+    if kind == "qwen3_moe":  # head_dim of its own, q/k norms; 3 layers of which (i + 1) % 2 == 0 are sparse
+        return tf.Qwen3MoeConfig(intermediate_size=56, moe_intermediate_size=24, num_experts=4, head_dim=16,
+                                 decoder_sparse_step=2, norm_topk_prob=True, **dict(moe, num_hidden_layers=3))
+    if kind == "olmoe":  # q/k norms over the whole projection, every layer sparse
+        return tf.OlmoeConfig(intermediate_size=24, num_experts=4, norm_topk_prob=True, **moe)
     raise ValueError(kind)
 
 
@@ -74,6 +85,7 @@ LANGUAGE_KINDS = ("llama", "llama_mqa", "mistral", "qwen2", "qwen3", "gpt2")
 # Families with quirks of their own (scaled embeddings, (1 + w) and sandwich norms, fused and interleaved
 # projections, multipliers); tested by tests/test_families.py.
 FAMILY_KINDS = ("gemma", "gemma2", "gemma3", "phi3", "olmo2", "gpt_neox", "granite")
+MOE_KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # mixture-of-experts sources
 
 
 def save_language_model(kind: str, path: Path, tied: bool = False, seed: int = 0, dtype=torch.float32) -> Path:
@@ -85,6 +97,22 @@ def save_language_model(kind: str, path: Path, tied: bool = False, seed: int = 0
     _randomise(model, seed)
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def moe_block(layer):
+    """A decoder layer's FFN block: transformers 4 names Mixtral's block_sparse_moe, transformers 5 mlp."""
+    return getattr(layer, "block_sparse_moe", None) or layer.mlp
+
+
+def loaded_expert(moe, e: int, width: int):
+    """Expert e's gate and down projections as the loaded model holds them: transformers 5 fuses the
+    experts into one tensor per part, transformers 4 keeps one module per expert."""
+    if hasattr(moe.experts, "gate_up_proj"):
+        return moe.experts.gate_up_proj[e, :width], moe.experts.down_proj[e]
+    expert = moe.experts[e]
+    if hasattr(expert, "w1"):  # Mixtral
+        return expert.w1.weight, expert.w2.weight
+    return expert.gate_proj.weight, expert.down_proj.weight
 
 
 def save_vit(path: Path, seed: int = 0, embed_dim: int = 48, num_heads: int = 3, depth: int = 2) -> Path:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
-from .spec import all_specs
+from .schema import DenseLayers
+from .spec import all_specs, get_path, set_path
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,14 @@ def moe_formats() -> dict[str, MoeFormat]:
             forbidden=tuple(d["forbidden"]), required=tuple(d["required"]), set=d["set"], refuse=tuple(d["refuse"]),
         )
     return out
+
+
+def remap_dense_layers(config: dict, keys: DenseLayers, layers: int, layer_src: list[int]) -> None:
+    """Which layers stay dense, for a model whose layer i derives from source layer layer_src[i]: listed one by
+    one (step 1), since a step no longer lines up once layers are copied or dropped."""
+    listed = get_path(config, keys.list) or []
+    step = get_path(config, keys.step) or 1
+    dense = {i for i in range(layers) if i in listed or (i + 1) % step}
+    if dense:  # every layer sparse stays every layer sparse
+        set_path(config, keys.list, [i for i, j in enumerate(layer_src) if j in dense])
+        set_path(config, keys.step, 1)

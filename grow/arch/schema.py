@@ -56,6 +56,7 @@ class Size(_Strict):
     ratio_of: Optional[str] = None  # the config stores size / sizes[ratio_of]
     mirror: list[str] = []  # other config paths that hold the same value
     aliases: list[str] = []  # config paths read when `key` is absent (names that changed over versions)
+    ffn: bool = False  # an FFN width besides `ffn` itself (an expert's): operators change it as they change the FFN
 
 
 class Tensor(_Strict):
@@ -204,6 +205,8 @@ def _references(spec: Spec) -> list[str]:
     sizes = set(spec.sizes)
     out += [f"sizes.{name}: missing; every spec defines {', '.join(REQUIRED_SIZES)}"
             for name in REQUIRED_SIZES if name not in sizes]
+    if "experts" in sizes and "top_k" not in sizes:
+        out.append("sizes.top_k: missing; a spec with experts defines top_k, the experts each token uses")
     for name, size in spec.sizes.items():
         if size.key is None and size.default is None:
             out.append(f"sizes.{name}: needs a key or a default")
@@ -262,7 +265,7 @@ def _references(spec: Spec) -> list[str]:
                 if pattern not in names]
         out += [f"moe_format.default_for: {a} is not in moe_format.sources" for a in fmt.default_for
                 if a not in fmt.sources]
-        for size in ("experts", "expert_ffn", "shared_ffn"):
+        for size in ("experts", "top_k", "expert_ffn", "shared_ffn"):
             key = getattr(fmt.keys, size)
             if key is not None and (size not in sizes or key not in (spec.sizes[size].key, *spec.sizes[size].aliases)):
                 out.append(f"moe_format.keys.{size}: {key} is not the config key of sizes.{size}")

@@ -36,8 +36,10 @@ class TensorSpec:
     def per_layer(self) -> bool:
         return "{i}" in self.pattern
 
-    def name(self, layer: int | None = None) -> str:
-        return self.pattern.replace("{i}", str(layer)) if self.per_layer else self.pattern
+    def name(self, layer: int | None = None, expert: int | None = None) -> str:
+        """The tensor's name in layer `layer` (and for expert `expert`, when the pattern has {e})."""
+        name = self.pattern.replace("{i}", str(layer)) if self.per_layer else self.pattern
+        return name if expert is None else name.replace("{e}", str(expert))
 
     @property
     def writes_residual(self) -> bool:
@@ -84,6 +86,8 @@ class ArchSpec:
             k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases))
             for k, v in model.sizes.items()
         }
+        # the spaces that are FFN widths: ffn, and any other a spec marks (an expert's, a shared expert's)
+        self.ffn_spaces: list[str] = [k for k, v in model.sizes.items() if k == "ffn" or v.ffn]
         self.per_layer_keys: list[str] = model.per_layer
         self.layer_count_keys: list[str] = model.layer_counts
         # per-layer entries that the framework derives when the config leaves them out:
@@ -228,8 +232,10 @@ class ArchSpec:
                         f"leave {name} at {implied}."
                     )
                 continue
-            if stored is None and implied == value:
-                continue  # the default still gives the right value: keep the config as terse as it was
+            if stored is None and implied == value and not holds_path(config, sk.key):
+                # the default still gives the right value: keep the config as terse as it was (a null the
+                # config holds is written out: transformers 4.57's Qwen2-MoE reads head_dim: null as it is)
+                continue
             if sk.ratio_of:
                 ratio = value / new[sk.ratio_of]
                 if int(new[sk.ratio_of] * ratio) != value:
@@ -268,6 +274,13 @@ def get_path(config: dict, path: str | None):
             return None
         node = node[part]
     return node
+
+
+def holds_path(config: dict, path: str) -> bool:
+    """Whether config has an entry at path, null or not."""
+    *parents, last = path.split(".")
+    node = get_path(config, ".".join(parents)) if parents else config
+    return isinstance(node, dict) and last in node
 
 
 def set_path(config: dict, path: str, value) -> None:

@@ -19,6 +19,12 @@ class Entry:
     def name(self) -> str:
         return self.info.name
 
+    @property
+    def expert(self) -> int | None:
+        """The expert index of a per-expert tensor ({e} in its pattern), else None."""
+        index = self.spec.regex.fullmatch(self.name).groupdict().get("e")
+        return None if index is None else int(index)
+
 
 class ModelView:
     def __init__(self, source: Source):
@@ -61,9 +67,8 @@ class ModelView:
                 )
         experts: dict[tuple[str, int | None], set[int]] = {}
         for e in self.entries:
-            index = e.spec.regex.fullmatch(e.name).groupdict().get("e")
-            if index is not None:
-                experts.setdefault((e.spec.pattern, e.layer), set()).add(int(index))
+            if e.expert is not None:
+                experts.setdefault((e.spec.pattern, e.layer), set()).add(e.expert)
         for (pattern, layer), found in experts.items():
             if found != set(range(self.sizes["experts"])):
                 raise GrowError(

@@ -6,6 +6,7 @@ import zlib
 
 import torch
 
+from ..arch.moe import remap_dense_layers
 from ..arch.spec import TensorSpec, get_path, set_path
 from ..arch.view import Entry, ModelView
 from ..checkpoint import DTYPES
@@ -138,6 +139,9 @@ def depth_config(view: ModelView, config: dict, layer_src: list[int]) -> dict:
     """Rebuild the config entries that hold one value per layer, and the ones that count layers, for a
     model whose layer i derives from source layer layer_src[i]."""
     spec = view.spec
+    moe = spec.model.moe_format
+    if moe is not None and moe.dense_layers is not None:
+        remap_dense_layers(config, moe.dense_layers, view.sizes["layers"], layer_src)
     for key in spec.per_layer_keys:
         values = spec.per_layer_values(key, config, view.sizes["layers"])
         if values is not None:

@@ -34,13 +34,14 @@ def build(view: ModelView, *, factor=None, ffn_factor=None, noise: bool = True, 
     # a single kv head serves every query head as it is (MQA), unless each head has its own (GPT-2, ViT)
     single_kv = s["kv_heads"] == 1 and view.spec.sizes["kv_heads"].key is not None
     t["kv_heads"] = 1 if single_kv else s["kv_heads"] * n
-    t["ffn"] = s["ffn"] * m
+    for space in view.spec.ffn_spaces:  # the FFN, and every expert's FFN where there are experts
+        t[space] = s[space] * m
     check_heads(view, t)
 
     maps: dict[str, WidthMap] = {
         "hidden": tile(s["hidden"], n),
         "q": per_head(tile(s["heads"], n), s["head_dim"]),
-        "ffn": tile(s["ffn"], m),
+        **{space: tile(s[space], m) for space in view.spec.ffn_spaces},
     }
     if not single_kv:
         maps["kv"] = per_head(tile(s["kv_heads"], n), s["head_dim"])

@@ -26,29 +26,48 @@ def layer_indices(n: int, k: int, how: str) -> list[int]:
     raise UsageError(f"--layer-selection {how} is not one of {', '.join(LAYER_SELECTIONS)}.")
 
 
-def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None,
+def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None, experts=None,
           layer_selection: str = "first", element_selection: str = "uniform", seed: int = 0,
           dtype: str | None = None) -> Plan:
     if element_selection not in ELEMENT_SELECTIONS:
         raise UsageError(f"--element-selection {element_selection} is not one of {', '.join(ELEMENT_SELECTIONS)}.")
     s = view.sizes
-    t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
+    moe = "experts" in s
+    if experts is not None and not moe:
+        raise UsageError(f"--experts applies to a mixture of experts; a {view.architecture} source has none.")
+    if ffn is not None and moe:
+        raise UsageError(f"--ffn does not apply to a {view.architecture} source: its FFN widths are the experts'; "
+                         "keep fewer experts with --experts instead.")
+    t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
+                     **({"experts": experts} if experts is not None or moe else {}))
+    if moe:
+        _check_top_k(view, t["experts"])
     layer_src = layer_indices(s["layers"], t["layers"], layer_selection)
     gen = torch.Generator().manual_seed(seed)
     how = element_selection
 
     maps = {}
-    if t["hidden"] != s["hidden"]:
-        maps["hidden"] = select(s["hidden"], pick(s["hidden"], t["hidden"], how, gen), label=f"{how} {t['hidden']} of {s['hidden']}")
-    if t["ffn"] != s["ffn"]:
-        maps["ffn"] = select(s["ffn"], pick(s["ffn"], t["ffn"], how, gen), label=f"{how} {t['ffn']} of {s['ffn']}")
+    for space in ("hidden", "ffn", "experts"):  # router rows are selected with the experts they route to
+        if space in t and t[space] != s[space]:
+            maps[space] = select(s[space], pick(s[space], t[space], how, gen), label=f"{how} {t[space]} of {s[space]}")
     kv, q = head_indices(s, t, lambda n, k: pick(n, k, how, gen), lambda _g, n, k: pick(n, k, how, gen))
     maps.update(head_maps(s, kv, q, how))
+    expert_src = maps["experts"].src.tolist() if "experts" in maps else None
 
     notes = [f"layers {layer_src} of {s['layers']} kept ({layer_selection})"] if t["layers"] != s["layers"] else []
+    if expert_src is not None:
+        notes.append(f"experts {expert_src} of {s['experts']} kept ({how}), with their router rows")
     return build_plan(
         view, t, method="select", layer_src=layer_src, layer_maps=lambda _layer: maps, global_maps=maps,
-        dtype=dtype, seed=seed, notes=notes,
+        dtype=dtype, seed=seed, notes=notes, expert_src=expert_src,
         options={"layer_selection": layer_selection, "element_selection": element_selection, "seed": seed,
-                 "dtype": dtype, **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}},
+                 "dtype": dtype, **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers", "experts") if k in t}},
     )
+
+
+def _check_top_k(view: ModelView, experts: int) -> None:
+    """Each token still needs as many experts as it used: the config's top-k must fit in what is kept."""
+    key, top_k = view.spec.sizes["top_k"].key, view.sizes["top_k"]
+    if experts < top_k:
+        raise UsageError(f"--experts {experts} is fewer than the {top_k} experts each token uses ({key} in config.json); "
+                         f"keep at least {top_k}.")

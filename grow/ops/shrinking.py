@@ -25,7 +25,7 @@ def target_sizes(view: ModelView, **asked) -> dict[str, int]:
         raise UsageError(f"nothing to shrink: give at least one of {', '.join(OPTIONS.values())}.")
     t = dict(s)
     for key, value in given.items():
-        option = OPTIONS[key]
+        option = OPTIONS.get(key, f"--{key}")  # --experts, for a mixture of experts
         t[key] = whole_number(value, option, 1, "; shrinking cannot make a size larger than the source's", most=s[key])
     kv_implied = view.spec.sizes["kv_heads"].key is None
     if kv_implied:  # every head has its own k and v (GPT-2, ViT): kv heads are the heads
@@ -78,11 +78,12 @@ def head_maps(s: dict[str, int], kv: torch.Tensor, q: torch.Tensor, how: str) ->
 def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: list[int],
                layer_maps: Callable[[int], dict[str, WidthMap]], global_maps: dict[str, WidthMap],
                fan_in_scale: Callable[[tuple[str, ...]], float] = lambda spaces: 1.0, dtype: str | None, seed: int,
-               options: dict, notes: list[str]) -> Plan:
+               options: dict, notes: list[str], expert_src: list[int] | None = None) -> Plan:
     """Target layer i copies source layer layer_src[i], every axis gathered through its space's map;
     each Linear is multiplied by fan_in_scale(spaces of its input axis). A tied head keeps its tie:
-    its scale goes into the final norm that feeds it."""
+    its scale goes into the final norm that feeds it. Target expert k copies source expert expert_src[k]."""
     target_of = {j: i for i, j in enumerate(layer_src)}
+    expert_of = {j: k for k, j in enumerate(expert_src)} if expert_src is not None else None
     heads = view.spec.by_role("head")
     head_scale = fan_in_scale(heads[0].axes[heads[0].reads]) if view.tied and heads else 1.0
     recipes = []
@@ -92,8 +93,9 @@ def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: li
             continue
         if e.layer is None:
             maps, name = global_maps, e.name
-        elif e.layer in target_of:
-            maps, name = layer_maps(e.layer), e.spec.name(target_of[e.layer])
+        elif e.layer in target_of and (e.expert is None or expert_of is None or e.expert in expert_of):
+            expert = e.expert if e.expert is None or expert_of is None else expert_of[e.expert]
+            maps, name = layer_maps(e.layer), e.spec.name(target_of[e.layer], expert)
         else:
             continue
         scale = fan_in_scale(e.spec.axes[e.spec.reads]) if e.spec.reads is not None else 1.0

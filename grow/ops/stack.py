@@ -22,7 +22,7 @@ def build(view: ModelView, *, layers=None, dtype: str | None = None) -> Plan:
     recipes = [mapped_recipe(view, e, {}, dtype=dtype) for e in view.globals()
                if not (e.spec.role == "head" and view.tied)]  # a tied head is the embedding, stored once
     for i, j in enumerate(layer_src):
-        recipes += [mapped_recipe(view, e, {}, name=e.spec.name(i), dtype=dtype,
+        recipes += [mapped_recipe(view, e, {}, name=e.spec.name(i, e.expert), dtype=dtype,
                                   note=f"copy of layer {j}" if i != j else "") for e in view.layer(j)]
     growth = layers / s["layers"]
     return Plan(
