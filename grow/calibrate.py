@@ -38,6 +38,12 @@ class Importance:
     inputs: str  # what the statistics were computed on
     peak_param_bytes: int = 0  # most parameter bytes that were in memory at once
     notes: list[str] = field(default_factory=list)
+    # per layer, the mean of 1 - cos(block input, block output) over tokens (ShortGPT's block influence)
+    influence: torch.Tensor | None = None
+    # [hidden, hidden] float64: the mean of x x^T / mean(x^2) over the inputs of every residual norm, i.e. the
+    # second moment of the residual stream as the norms see it (scale removed); its eigenvectors are the
+    # residual directions that carry the most of what the readers read
+    covariance: torch.Tensor | None = None
 
     def head_scores(self, layer: int, head_dim: int) -> torch.Tensor:
         q = self.units[(layer, "q")]
@@ -93,6 +99,8 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
         hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
     for key, name in _unit_readers(view).items():
         hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
+    influence, covariance = _Influence(layers), _Covariance(view.sizes["hidden"])
+    hooks += influence.attach(model, view) + covariance.attach(model, view)
     try:
         with torch.no_grad():
             trunk(inputs)
@@ -102,7 +110,67 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
         loader.remove()
     tokens = int(inputs.numel()) if inputs.dtype == torch.long else hidden.count // (layers + 1)
     return Importance(hidden.mean(), {k: s.mean() for k, s in units.items()}, tokens, description,
-                      loader.peak, list(notes or []))
+                      loader.peak, list(notes or []), influence.mean(), covariance.mean())
+
+
+def _hidden_states(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class _Influence:
+    """Block influence per layer (ShortGPT): 1 - cos(input, output) averaged over tokens. A block whose
+    output points where its input did changes the residual least, and costs least to remove."""
+
+    def __init__(self, layers: int):
+        self.sum = torch.zeros(layers, dtype=torch.float64)
+        self.count = torch.zeros(layers, dtype=torch.float64)
+        self.inputs: dict[int, torch.Tensor] = {}
+
+    def attach(self, model, view: ModelView) -> list:
+        hooks = []
+        for i in range(len(self.sum)):
+            block = model.get_submodule(view.spec.layer_module(i))
+            hooks.append(block.register_forward_pre_hook(
+                lambda _m, a, k, i=i: self.inputs.__setitem__(i, _hidden_states(a, k)), with_kwargs=True))
+            hooks.append(block.register_forward_hook(lambda _m, _a, o, i=i: self._add(i, _first(o))))
+        return hooks
+
+    def _add(self, layer: int, output: torch.Tensor) -> None:
+        x = self.inputs.pop(layer).reshape(-1, output.shape[-1]).to(torch.float64)
+        y = output.detach().reshape(-1, output.shape[-1]).to(torch.float64)
+        self.sum[layer] += (1 - torch.nn.functional.cosine_similarity(x, y, dim=-1)).sum()
+        self.count[layer] += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / self.count.clamp(min=1)).to(torch.float32)
+
+
+def _residual_norms(view: ModelView) -> list[str]:
+    """Module paths of the norms that read the residual stream (every block's norms and the final one)."""
+    return [view.spec.module_path(e.name.removesuffix(".weight")) for e in view.entries
+            if e.spec.role in ("norm", "final_norm") and e.name.endswith(".weight") and e.spec.axes == (("hidden",),)]
+
+
+class _Covariance:
+    """Sum of x x^T / mean(x^2) over every residual norm's inputs, in float64, one norm at a time:
+    memory is one [hidden, hidden] matrix whatever the depth."""
+
+    def __init__(self, hidden: int):
+        self.sum = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.count = 0
+
+    def attach(self, model, view: ModelView) -> list:
+        return [model.get_submodule(name).register_forward_pre_hook(lambda _m, a: self._add(a[0]))
+                for name in _residual_norms(view)]
+
+    def _add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        flat = flat / flat.pow(2).mean(-1, keepdim=True).clamp(min=1e-30).sqrt()
+        self.sum += flat.T @ flat
+        self.count += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
 
 
 # ---- calibration inputs ------------------------------------------------------------------------
@@ -207,7 +275,8 @@ def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, see
 def save(path: Path, imp: Importance, view: ModelView) -> None:
     from safetensors.torch import save_file
 
-    tensors = {"hidden": imp.hidden.contiguous()}
+    tensors = {"hidden": imp.hidden.contiguous(), "influence": imp.influence.contiguous(),
+               "covariance": imp.covariance.contiguous()}
     tensors.update({f"layers.{i}.{space}": t.contiguous() for (i, space), t in imp.units.items()})
     meta = {"source": view.source.id, "tokens": str(imp.tokens), "inputs": imp.inputs, "notes": json.dumps(imp.notes)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,19 +294,21 @@ def load(path: Path, view: ModelView) -> Importance:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise UsageError(f"--scores {path} is not a scores file grow wrote ({e.__class__.__name__}); delete it or give another path.") from None
-    expected = {"hidden": view.sizes["hidden"]}
-    expected.update({f"layers.{i}.{s}": view.spec.space_size(s, view.sizes) for i, s in _unit_readers(view)})
+    d = view.sizes["hidden"]
+    expected = {"hidden": (d,), "influence": (view.sizes["layers"],), "covariance": (d, d)}
+    expected.update({f"layers.{i}.{s}": (view.spec.space_size(s, view.sizes),) for i, s in _unit_readers(view)})
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    if shapes != {k: (n,) for k, n in expected.items()}:
-        raise UsageError(f"--scores {path} was computed for a model of another shape than {view.source.id}; "
-                         "delete it or give another path.")
+    if shapes != expected:
+        raise UsageError(f"--scores {path} was computed for a model of another shape than {view.source.id}, "
+                         "or by an older grow; delete it or give another path.")
     units = {}
     for k, t in tensors.items():
-        if k != "hidden":
+        if k.startswith("layers."):
             _, i, space = k.split(".")
             units[(int(i), space)] = t
     return Importance(tensors["hidden"], units, int(meta.get("tokens", 0)), meta.get("inputs", "?"),
-                      notes=json.loads(meta.get("notes", "[]")))
+                      notes=json.loads(meta.get("notes", "[]")), influence=tensors["influence"],
+                      covariance=tensors["covariance"])
 
 
 def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0) -> Importance:

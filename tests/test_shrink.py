@@ -170,7 +170,7 @@ def test_layer_selection_and_per_layer_config(tmp_path):
     assert types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
     a = load_file(str(src / "model.safetensors"))
     cases = [("select", dict(layer_selection="first"), [0, 1, 2]), ("select", dict(layer_selection="uniform"), [0, 2, 3]),
-             ("subclone", dict(), [0, 1, 3])]  # subclone removes from the middle
+             ("subclone", dict(layer_removal="middle"), [0, 1, 3])]
     for method, opts, kept in cases:
         dst = tmp_path / f"{method}{len(opts)}{opts.get('layer_selection', '')}"
         _quiet(grow.shrink, src, dst, method=method, layers=3, **opts)
@@ -183,6 +183,30 @@ def test_layer_selection_and_per_layer_config(tmp_path):
             assert torch.equal(b[f"model.layers.{i}.mlp.up_proj.weight"], a[f"model.layers.{j}.mlp.up_proj.weight"])
         model = load_model(dst, "transformers")
         assert model.config.layer_types == out["layer_types"]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, tmp_path, kind):
+    """A block whose residual writers are zero passes its input through: block influence 0, so it is the
+    layer removed (position would have removed another), and the shrunk model computes what the source does."""
+    src = model_dir(kind)
+    view = ModelView(Source(src))
+    inert = tmp_path / "inert"
+    shutil.copytree(src, inert)
+    tensors = load_file(str(src / "model.safetensors"))
+    for e in view.layer(1):
+        if e.spec.writes_residual:
+            tensors[e.name].zero_()
+    save_file(tensors, str(inert / "model.safetensors"), metadata={"format": "pt"})
+    imp = _quiet(calibrate.importance, ModelView(Source(inert)), tokens=256)
+    assert imp.influence[1] == pytest.approx(0.0, abs=1e-12) and imp.influence[0] > 1e-3
+    dst = tmp_path / "out"
+    result = _quiet(grow.shrink, inert, dst, method="subclone", layers=1, calibration_tokens=256)
+    assert any("layers [0] of 2 kept (the least influential removed: 1: " in n for n in result["plan"]["notes"])
+    framework = "transformers"
+    x = sample_inputs(json.loads((inert / "config.json").read_text()), framework, 0, vocab=100)
+    r = compare(run(load_model(inert, framework), x, framework), run(load_model(dst, framework), x, framework))
+    assert r["rel_error"] < 1e-5, r
 
 
 def test_vit_small_to_tiny(tmp_path):
@@ -253,6 +277,16 @@ def test_calibration_runs_one_module_at_a_time(model_dir, kind):
     assert torch.allclose(hidden.mean(), imp.hidden, rtol=1e-5, atol=1e-6)
     for key in units:
         assert torch.allclose(units[key].mean(), imp.units[key], rtol=1e-5, atol=1e-6), key
+    influence, covariance = calibrate._Influence(view.sizes["layers"]), calibrate._Covariance(view.sizes["hidden"])
+    hooks = influence.attach(model, view) + covariance.attach(model, view)
+    with torch.no_grad():
+        model(inputs)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(influence.mean(), imp.influence, rtol=1e-5, atol=1e-7)
+    assert torch.all(imp.influence > 0) and torch.all(imp.influence < 2)
+    assert torch.allclose(covariance.mean(), imp.covariance, rtol=1e-5, atol=1e-7)
+    assert imp.covariance.dtype == torch.float64 and imp.covariance.trace() == pytest.approx(view.sizes["hidden"])
 
     per_layer = [sum(e.info.nbytes for e in view.layer(i)) for i in range(view.sizes["layers"])]
     largest_global = max(e.info.nbytes for e in view.globals())

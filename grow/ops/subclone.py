@@ -2,8 +2,9 @@
 
 Importance is the mean |activation| measured by grow.calibrate, one layer at a time: one global
 ranking of the residual dims (the residual stream is shared by every layer), and per-layer rankings
-of FFN units and heads (a kv group scores the sum of its query heads). Whole layers are removed from
-the middle of the stack. Each Linear whose input width shrank from D to d is multiplied by
+of FFN units and heads (a kv group scores the sum of its query heads). Whole layers are removed by
+block influence (those whose output is closest to their input, as ShortGPT) or, with
+layer_removal="middle", from the middle of the stack. Each Linear whose input width shrank from D to d is multiplied by
 sqrt(D/d), which keeps the scale of its output roughly where the source had it."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 
 from .. import calibrate
 from ..arch.view import ModelView
+from ..errors import UsageError
 from ..plan import Plan
 from .maps import WidthMap, select
 from .shrinking import build_plan, head_indices, head_maps, target_sizes, top
@@ -23,15 +25,27 @@ def middle_removed(n: int, k: int) -> list[int]:
     return list(range(first)) + list(range(n - (k - first), n))
 
 
+LAYER_REMOVAL = ("influence", "middle")
+
+
+def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[int]:
+    """The source layers kept: the `keep` of highest block influence, or all but a middle run."""
+    if how == "middle":
+        return middle_removed(n, keep)
+    if how == "influence":
+        return top(imp.influence, keep).tolist()
+    raise UsageError(f"--layer-removal {how} is not one of {', '.join(LAYER_REMOVAL)}.")
+
+
 def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
-          layers=None, calibration=None, calibration_tokens=None, scores=None, seed: int = 0,
-          dtype: str | None = None) -> Plan:
+          layers=None, layer_removal: str = "influence", calibration=None, calibration_tokens=None, scores=None,
+          seed: int = 0, dtype: str | None = None) -> Plan:
     """`importance` is measured by the caller (grow.api runs grow.calibrate), so that this builder
     stays a pure function; calibration, calibration_tokens and scores are only recorded."""
     s = view.sizes
     t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     imp = importance
-    layer_src = middle_removed(s["layers"], t["layers"])
+    layer_src = kept_layers(imp, s["layers"], t["layers"], layer_removal)
 
     global_maps: dict[str, WidthMap] = {}
     if t["hidden"] != s["hidden"]:
@@ -58,11 +72,15 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
 
     notes = [f"importance from {imp.inputs}"] + imp.notes
     if t["layers"] != s["layers"]:
-        notes.append(f"layers {layer_src} of {s['layers']} kept (removed from the middle)")
+        why = ("removed from the middle" if layer_removal == "middle" else
+               "the least influential removed: " + ", ".join(f"{i}: {float(imp.influence[i]):.3g}"
+                                                            for i in range(s["layers"]) if i not in layer_src))
+        notes.append(f"layers {layer_src} of {s['layers']} kept ({why})")
     return build_plan(
         view, t, method="subclone", layer_src=layer_src, layer_maps=layer_maps, global_maps=global_maps,
         fan_in_scale=fan_in_scale, dtype=dtype, seed=seed, notes=notes,
         options={"calibration": None if calibration is None else str(calibration), "calibration_tokens": imp.tokens,
                  "scores": None if scores is None else str(scores), "seed": seed, "dtype": dtype,
+                 "layer_removal": layer_removal,
                  **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}},
     )
