@@ -217,6 +217,7 @@ def shrink(
     calibration_tokens: Annotated[Optional[int], typer.Option(help="subclone: calibration tokens (default 8192).")] = None,
     scores: Annotated[Optional[str], typer.Option(help="subclone: importance scores file, reused if it exists, else written.")] = None,
     layer_removal: Annotated[Optional[str], typer.Option(help="subclone: influence (default: the layers that change the residual least) or middle.")] = None,
+    residual: Annotated[Optional[str], typer.Option(help="subclone: pca (default for RMSNorm models: rotate the residual onto its principal directions, then cut) or activation (keep the most active dims).")] = None,
     seed: SEED = 0,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
@@ -232,7 +233,8 @@ def shrink(
     _run_operation(api.shrink, src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
                    kv_heads=kv_heads, layers=layers, experts=experts, layer_selection=layer_selection,
                    element_selection=element_selection, calibration=calibration,
-                   calibration_tokens=calibration_tokens, scores=scores, layer_removal=layer_removal, seed=seed, dtype=dtype,
+                   calibration_tokens=calibration_tokens, scores=scores, layer_removal=layer_removal,
+                   residual=residual, seed=seed, dtype=dtype,
                    shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
 
 

@@ -26,12 +26,17 @@ class AxisMap:
     index[j] is the source position that target position j copies, or -1 for a new position
     (filled from the recipe's init); scale[j] multiplies target position j (fan-in weights).
     mix = (positions, weights [m, source]) makes those target positions weighted sums of the
-    source positions instead (e.g. the mean of a residual vector); they are not new."""
+    source positions instead (e.g. the mean of a residual vector); they are not new.
+    matrix [source, target] replaces the axis by its product with a dense matrix (a rotation of the
+    residual stream), before any gather; prescale names a source vector that multiplies the axis
+    first (a norm's weight folded into the Linear that reads it). Plans share one matrix object."""
 
     index: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     label: str = ""  # short human description for --dry-run
     mix: tuple[torch.Tensor, torch.Tensor] | None = None
+    matrix: torch.Tensor | None = None
+    prescale: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,7 @@ class TensorRecipe:
             return True
         if self.dtype not in ("BF16", "F16"):
             return False
-        if self.noise is not None or any(m is not None and m.mix is not None for m in self.axes):
+        if self.noise is not None or any(m is not None and (m.mix is not None or m.matrix is not None) for m in self.axes):
             return True
         if self.offset and (self.scale != 1.0 or any(m is not None and m.scale is not None for m in self.axes)):
             return True
@@ -156,6 +161,9 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
     for axis, m in enumerate(r.axes):
         if m is None:
             continue
+        if m.matrix is not None:
+            t = contract(t, axis, m.matrix, load(m.prescale) if m.prescale else None)
+            loaded = False
         if m.index is not None:
             prior = t
             t = gather(prior, axis, m.index.clamp(min=0))
@@ -205,6 +213,21 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         else:
             out.copy_(block)
     return out
+
+
+def contract(t: torch.Tensor, axis: int, matrix: torch.Tensor, prescale: torch.Tensor | None = None) -> torch.Tensor:
+    """t with `axis` replaced by (t * prescale) @ matrix along it, in float32, a block of the other axes
+    at a time (no float32 copy of the whole source)."""
+    m = matrix.to(torch.float32)
+    if prescale is not None:
+        m = prescale.to(torch.float32)[:, None] * m
+    moved = t.movedim(axis, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    out = torch.empty(flat.shape[0], m.shape[1], dtype=torch.float32)
+    step = max(1, WORK_ELEMENTS // max(1, flat.shape[1]))
+    for a in range(0, flat.shape[0], step):
+        torch.matmul(flat[a:a + step].to(torch.float32), m, out=out[a:a + step])
+    return out.view(*moved.shape[:-1], m.shape[1]).movedim(-1, axis).contiguous()
 
 
 def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:

@@ -1,78 +1,145 @@
-"""Training evidence for shrinking: a shrunk model is a better start for training than a random one.
+"""Evidence for shrinking: what a shrunk model keeps before any training, and that it trains better
+than a random start.
 
-Trains a small Llama on the Python standard library (with its own BPE tokenizer), shrinks it with
-weight selection and with weight subcloning, then trains each shrunk model and a randomly initialised
-model of the same shape for the same steps on the same batches, and prints held-out losses as a
-Markdown table. Runs on CPU in a few minutes; `--quick` uses the test-sized model.
+Trains a small Llama on the Python standard library (with its own BPE tokenizer; cached in --work),
+then
+1. cuts it a third narrower, a third shallower, with a smaller FFN, fewer heads, and all together, with
+   every subcloning option (and weight selection), and prints the held-out perplexity of each before
+   any training next to the source's;
+2. trains the default subclone, the weight selection and a random init of the same shape for the same
+   steps on the same batches, and prints held-out losses.
+Runs on CPU; `--quick` uses the test-sized model.
 
-    python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick]
+    python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick] [--skip-training]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import trained_models as T
 
-import trained_models as T  # noqa: E402
+import grow
 
-import grow  # noqa: E402
+# the defaults before issue 13, each gain alone, and today's default (both)
+BEFORE = dict(residual="activation", layer_removal="middle")
+DEFAULT = dict(residual="pca", layer_removal="influence")
+SUBCLONE_OPTIONS = [BEFORE, dict(residual="pca", layer_removal="middle"),
+                    dict(residual="activation", layer_removal="influence"), DEFAULT]
+
+
+def cuts(setup: T.Setup) -> list[tuple[str, dict]]:
+    heads = setup.heads * 3 // 4
+    kv = max(1, setup.kv_heads * 3 // 4)
+    hidden = setup.hidden * 2 // 3 // setup.heads * setup.heads  # a multiple of the heads, as Llama requires
+    layers = setup.layers * 2 // 3
+    ffn = setup.ffn * 2 // 3
+    return [
+        (f"--hidden {hidden}", dict(hidden=hidden)),
+        (f"--layers {layers}", dict(layers=layers)),
+        (f"--ffn {ffn}", dict(ffn=ffn)),
+        (f"--heads {heads} --kv-heads {kv}", dict(heads=heads, kv_heads=kv)),
+        ("all of them", dict(hidden=hidden, layers=layers, ffn=ffn, heads=heads, kv_heads=kv)),
+    ]
+
+
+def effective(options: dict, cut: dict) -> tuple:
+    """The options that change the model for this cut (pca needs a hidden cut, influence a layer cut)."""
+    return (options["residual"] if "hidden" in cut else None, options["layer_removal"] if "layers" in cut else None)
+
+
+def shrink(src: Path, dst: Path, scores: Path, method: str, **options):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibration must run on real tokens
+        if method == "subclone":
+            options["scores"] = scores
+        grow.shrink(src, dst, method=method, force=True, **options)
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(dst))
+
+
+def perplexity_table(src: Path, work: Path, setup: T.Setup, held_out: torch.Tensor, source_ppl: float) -> None:
+    scores = work / "scores.safetensors"
+    print(f"| `grow shrink` | perplexity | x source |\n|---|---:|---:|\n| source | {source_ppl:.2f} | 1.0 |")
+    for cut_label, cut in cuts(setup):
+        rows = [(f"select {cut_label}", "select", {})]
+        seen = set()
+        for opts in SUBCLONE_OPTIONS:
+            used = effective(opts, cut)
+            if used in seen:  # an option the cut does not use gives the same model
+                continue
+            seen.add(used)
+            flags = [f"--{k.replace('_', '-')} {v}" for k, v in zip(("residual", "layer_removal"), used) if v]
+            marks = [m for m, o in (("before", BEFORE), ("default", DEFAULT)) if effective(o, cut) == used]
+            rows.append((f"subclone {cut_label} {' '.join(flags)} ({', '.join(marks) or 'option'})", "subclone", opts))
+        for label, method, opts in rows:
+            model = shrink(src, work / "cut", scores, method, **cut, **opts)
+            ppl = math.exp(T.loss(model, held_out))
+            print(f"| {label.replace('  ', ' ')} | {ppl:.2f} | {ppl / source_ppl:.2f} |", flush=True)
+
+
+def training_table(src: Path, work: Path, setup: T.Setup, held_out, stream, steps: int, source_loss: float) -> None:
+    import transformers
+
+    shape = dict(hidden=setup.hidden // 2, ffn=setup.ffn // 2, heads=setup.heads // 2,
+                 kv_heads=max(1, setup.kv_heads // 2), layers=setup.layers * 2 // 3)
+    rows = []
+    for method in ("select", "subclone"):
+        model = shrink(src, work / method, work / "scores.safetensors", method, **shape)
+        before = T.loss(model, held_out)
+        T.train(model, stream, setup, steps, seed=1)
+        rows.append((f"{method} (default options)", model.num_parameters(), before, T.loss(model, held_out)))
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(work / "subclone")))
+    before = T.loss(model, held_out)
+    T.train(model, stream, setup, steps, seed=1)
+    rows.append(("random init", model.num_parameters(), before, T.loss(model, held_out)))
+    print(f"\nShrunk to {shape}; each shrunk model and a random init of the same shape trained {steps} more steps "
+          "on the same batches. Held-out loss (nats/token):\n")
+    print(f"| model | parameters | held-out loss, step 0 | after {steps} steps |")
+    print("|---|---:|---:|---:|")
+    print(f"| source | | {source_loss:.3f} | |")
+    for name, params, before, after in rows:
+        print(f"| {name} | {params:,} | {before:.3f} | {after:.3f} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, help="folder for the models (kept; the trained source is reused)")
+    ap.add_argument("--work", type=Path, default=Path(".cache/shrink_report"),
+                    help="folder for the models (the trained source is kept and reused)")
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="the test-sized model instead of the report-sized one")
+    ap.add_argument("--skip-training", action="store_true", help="print the perplexity table only")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
     setup = T.TEST if args.quick else T.REPORT
-    work = args.work or Path(tempfile.mkdtemp(prefix="shrink_report_"))
+    work = args.work / ("quick" if args.quick else "report")
     src = work / "source"
     start = time.time()
     if not (src / "config.json").is_file():
         print(f"training the source ({setup.steps} steps) in {src} ...", file=sys.stderr)
         T.build_trained(src, setup)
+    (work / "scores.safetensors").unlink(missing_ok=True)  # calibrate on this run's code
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
-    held_out, stream = T.held_out(tok, setup), T.training_stream(src, setup)
-    shape = dict(hidden=setup.hidden // 2, ffn=setup.ffn // 2, heads=setup.heads // 2,
-                 kv_heads=max(1, setup.kv_heads // 2), layers=setup.layers * 2 // 3)
-
-    source = transformers.AutoModelForCausalLM.from_pretrained(str(src))
-    rows = [("source", source.num_parameters(), T.loss(source, held_out), None)]
-    dst = None
-    for method in ("select", "subclone"):
-        dst = work / method
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # calibration must run on real tokens
-            grow.shrink(src, dst, method=method, force=True, **shape)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(dst))
-        before = T.loss(model, held_out)
-        T.train(model, stream, setup, args.finetune_steps, seed=1)
-        rows.append((method, model.num_parameters(), before, T.loss(model, held_out)))
-    torch.manual_seed(1)
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(dst)))
-    before = T.loss(model, held_out)
-    T.train(model, stream, setup, args.finetune_steps, seed=1)
-    rows.append(("random init", model.num_parameters(), before, T.loss(model, held_out)))
-
-    src_shape = dict(hidden=setup.hidden, ffn=setup.ffn, heads=setup.heads, kv_heads=setup.kv_heads, layers=setup.layers)
-    print(f"Llama trained {setup.steps} steps on the Python standard library ({len(tok)}-token BPE); "
-          f"shrunk {src_shape} -> {shape}; each shrunk model and a random init trained {args.finetune_steps} "
-          f"more steps on the same batches. Held-out loss (nats/token) on {held_out.numel()} tokens of unseen files.\n")
-    print(f"| model | parameters | held-out loss, step 0 | after {args.finetune_steps} steps |")
-    print("|---|---:|---:|---:|")
-    for name, params, before, after in rows:
-        print(f"| {name} | {params:,} | {before:.3f} | {'' if after is None else f'{after:.3f}'} |")
+    held_out = T.held_out(tok, setup)
+    source_loss = T.loss(transformers.AutoModelForCausalLM.from_pretrained(str(src)), held_out)
+    print(f"Llama (hidden {setup.hidden}, ffn {setup.ffn}, {setup.heads} heads / {setup.kv_heads} kv, {setup.layers} "
+          f"layers) trained {setup.steps} steps on the Python standard library ({len(tok)}-token BPE). Held-out "
+          f"text: {held_out.numel()} tokens of standard-library files no model was trained on; calibration: "
+          "the default (8192 tokens of the standard library). Perplexity before any training:\n")
+    perplexity_table(src, work, setup, held_out, math.exp(source_loss))
+    if not args.skip_training:
+        training_table(src, work, setup, held_out, T.training_stream(src, setup), args.finetune_steps, source_loss)
     print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
 
 

@@ -60,9 +60,10 @@ def test_shrink_every_architecture(model_dir, tmp_path, kind, tied, method):
     model = load_model(dst, framework)  # reloads in transformers / timm and runs
     out = run(model, sample_inputs(json.loads((src / "config.json").read_text()), framework, 0, vocab=100), framework)
     assert torch.isfinite(out).all()
-    if tied:
-        with_head = load_file(str(dst / "model.safetensors"))
-        assert "lm_head.weight" not in with_head
+    if tied:  # the tie stays, except where the residual was rotated (the final norm folds into the head only)
+        rotated = recipe["options"].get("residual") == "pca"
+        assert ("lm_head.weight" in load_file(str(dst / "model.safetensors"))) == rotated
+        assert json.loads((dst / "config.json").read_text()).get("tie_word_embeddings", True) is not rotated
 
 
 def _zero_units(src, dst, *, ffn_keep, q_keep=None, kv_drop=None, inputs=False):
@@ -209,6 +210,57 @@ def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, t
     assert r["rel_error"] < 1e-5, r
 
 
+def _residual_in_subspace(src, dst, k: int):
+    """Copy a model, projecting every residual writer onto a random k-dim subspace (not aligned with the
+    axes): its residual stream then lives in that subspace."""
+    shutil.copytree(src, dst)
+    view = ModelView(Source(src))
+    d = view.sizes["hidden"]
+    u = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    projection = (u @ u.T).float()
+    tensors = load_file(str(src / "model.safetensors"))
+    for e in view.entries:
+        for axis, spaces in enumerate(e.spec.axes):
+            if e.spec.writes_residual and spaces == ("hidden",) and axis != e.spec.reads:
+                tensors[e.name] = (tensors[e.name].movedim(axis, -1) @ projection).movedim(-1, axis).contiguous()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("kind,tied,k", [("llama", False, 36), ("llama", True, 36), ("qwen3", False, 24)])
+def test_rotation_cuts_a_residual_that_lives_in_a_subspace_exactly(model_dir, tmp_path, kind, tied, k):
+    """When every writer of the residual writes into a random half of its directions, rotating onto the
+    principal directions and cutting the other half loses nothing (norm weights folded into the readers,
+    a tied head untied), while keeping the most active dims loses much."""
+    src = _residual_in_subspace(model_dir(kind, tied), tmp_path / "src", k)
+    x = sample_inputs(json.loads((src / "config.json").read_text()), "transformers", 0, vocab=100)
+    source = run(load_model(src, "transformers"), x, "transformers")
+    errors = {}
+    for residual in ("pca", "activation"):
+        dst = tmp_path / residual
+        result = _quiet(grow.shrink, src, dst, method="subclone", hidden=k, residual=residual, calibration_tokens=512)
+        errors[residual] = compare(source, run(load_model(dst, "transformers"), x, "transformers"))["rel_error"]
+        cfg = json.loads((dst / "config.json").read_text())
+        assert cfg["hidden_size"] == k
+        weights = load_file(str(dst / "model.safetensors"))
+        if residual == "pca":
+            assert cfg["tie_word_embeddings"] is False and weights["lm_head.weight"].shape[1] == k
+            d = ModelView(Source(src)).sizes["hidden"]
+            assert torch.allclose(weights["model.norm.weight"], torch.full((k,), (d / k) ** 0.5), rtol=1e-4)
+            assert result["plan"]["stats"]["residual_kept"] == pytest.approx(1.0, abs=1e-5)
+    # not 1e-6: each norm's eps now meets a mean square over k dims, not d (1e-4 of this tiny model's residual)
+    assert errors["pca"] < 1e-3 and errors["activation"] > 0.05, errors
+
+
+def test_rotation_is_refused_where_the_norm_subtracts_the_mean(model_dir, tmp_path):
+    with pytest.raises(grow.UsageError, match="--residual pca cannot rotate .* LayerNorm subtracts the mean"):
+        _quiet(grow.shrink, model_dir("gpt2"), tmp_path / "x", method="subclone", hidden=24, heads=2, residual="pca",
+               calibration_tokens=128)
+    result = _quiet(grow.shrink, model_dir("gpt2"), tmp_path / "y", method="subclone", hidden=24, heads=2,
+                    calibration_tokens=128, dry_run=True)
+    assert any("residual cut by activation, not rotated: a gpt2 model's LayerNorm" in n for n in result["plan"]["notes"])
+
+
 def test_vit_small_to_tiny(tmp_path):
     """The published case: a ViT-S-shaped model (384 wide, 6 heads) to the ViT-T shape (192, 3 heads)."""
     from tiny_models import save_vit
@@ -237,7 +289,8 @@ def test_subclone_ranks_by_activation(model_dir, tmp_path):
         assert torch.all(ffn[1::2] == 0) and torch.all(ffn[0::2] > 0)
         heads = imp.head_scores(layer, 8)
         assert torch.all(heads[3:6] == 0) and torch.all(heads[:3] > 0) and torch.all(heads[6:] > 0)
-    plan = subclone.build(view, importance=imp, ffn=56, heads=6, kv_heads=2, hidden=48, calibration_tokens=256)
+    plan = subclone.build(view, importance=imp, ffn=56, heads=6, kv_heads=2, hidden=48, calibration_tokens=256,
+                          residual="activation")
     by_name = {r.name: r for r in plan.recipes}
     down = by_name["model.layers.0.mlp.down_proj.weight"]
     assert set(down.axes[1].index.tolist()) == keep

@@ -66,6 +66,7 @@ class Tensor(_Strict):
     role: Literal[tuple(ROLES)] = "weight"
     interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
     normalises: Optional[str] = None  # a q/k norm over the whole projection: the module whose output it normalises
+    norm: Optional[str] = None  # a reader of the residual: the weight of the norm whose output it reads
 
 
 class MoeKeys(_Strict):
@@ -250,6 +251,8 @@ def _references(spec: Spec) -> list[str]:
                                f"{', '.join(DERIVED_SPACES)} or {FIXED_SPACE}")
         if t.normalises is not None and not any(n.name.startswith(t.normalises + ".") for n in spec.tensors):
             out.append(f"{where}.normalises: {t.normalises} is not a module of the tensors")
+        if t.norm is not None and not any(n.name == t.norm and n.role in ("norm", "final_norm") for n in spec.tensors):
+            out.append(f"{where}.norm: {t.norm} is not a norm weight among the tensors")
         if t.reads is not None and not 0 <= t.reads < len(t.axes):
             out.append(f"{where}.reads: {t.reads} is not one of its {len(t.axes)} axes")
         out += [f"{where}: unknown placeholder {p}; a name may use {{i}} (layer) and {{e}} (expert)"

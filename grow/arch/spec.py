@@ -31,6 +31,10 @@ class TensorSpec:
     regex: re.Pattern = field(compare=False, repr=False, default=None)
     interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
     normalises: str | None = None  # a q/k norm over the whole projection: the module whose output it normalises
+    norm: str | None = None  # for a reader of the residual: the weight of the norm whose output it reads
+
+    def norm_name(self, layer: int | None = None) -> str | None:
+        return None if self.norm is None else self.norm.replace("{i}", str(layer))
 
     @property
     def per_layer(self) -> bool:
@@ -99,7 +103,8 @@ class ArchSpec:
         # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
         self.size_checks: dict[str, list[str]] = model.size_checks
         self.tensors = [TensorSpec(t.name, tuple(tuple(a.split("|")) for a in t.axes), t.reads, t.role,
-                                   _pattern_regex(t.name), t.interleaved, t.normalises) for t in model.tensors]
+                                   _pattern_regex(t.name), t.interleaved, t.normalises, t.norm)
+                        for t in model.tensors]
         self.ignore = [_pattern_regex(p) for p in model.ignore]
         # operation -> the methods grow can apply to a source of this family; None: all of them
         self.operations: dict[str, list[str]] | None = model.operations
@@ -112,7 +117,8 @@ class ArchSpec:
         if not p or any(n.startswith(p) for n in names):
             return self
         data = dict(self.data, optional_prefix="")
-        data["tensors"] = [dict(t, name=t["name"].removeprefix(p)) for t in data["tensors"]]
+        data["tensors"] = [dict(t, name=t["name"].removeprefix(p), **({"norm": t["norm"].removeprefix(p)} if "norm" in t else {}))
+                           for t in data["tensors"]]
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
         return ArchSpec(data, self.file, module_prefix=p)
 

@@ -15,6 +15,7 @@ from .. import calibrate
 from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
+from . import rotation
 from .maps import WidthMap, select
 from .shrinking import build_plan, head_indices, head_maps, target_sizes, top
 
@@ -26,6 +27,7 @@ def middle_removed(n: int, k: int) -> list[int]:
 
 
 LAYER_REMOVAL = ("influence", "middle")
+RESIDUAL = ("pca", "activation")
 
 
 def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[int]:
@@ -38,18 +40,22 @@ def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[
 
 
 def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
-          layers=None, layer_removal: str = "influence", calibration=None, calibration_tokens=None, scores=None,
-          seed: int = 0, dtype: str | None = None) -> Plan:
+          layers=None, layer_removal: str = "influence", residual: str | None = None, calibration=None,
+          calibration_tokens=None, scores=None, seed: int = 0, dtype: str | None = None) -> Plan:
     """`importance` is measured by the caller (grow.api runs grow.calibrate), so that this builder
     stays a pure function; calibration, calibration_tokens and scores are only recorded."""
     s = view.sizes
     t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     imp = importance
     layer_src = kept_layers(imp, s["layers"], t["layers"], layer_removal)
+    notes = [f"importance from {imp.inputs}"] + imp.notes
+    residual = residual_method(view, residual, notes if t["hidden"] != s["hidden"] else [])
 
     global_maps: dict[str, WidthMap] = {}
-    if t["hidden"] != s["hidden"]:
+    if t["hidden"] != s["hidden"] and residual == "activation":
         global_maps["hidden"] = select(s["hidden"], top(imp.hidden, t["hidden"]), label=f"top {t['hidden']} of {s['hidden']}")
+    # a rotated residual keeps its scale through the norm weights, not through its readers
+    t_in = dict(t, hidden=s["hidden"]) if residual == "pca" else t
 
     def layer_maps(layer: int) -> dict[str, WidthMap]:
         maps = dict(global_maps)
@@ -67,20 +73,35 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
 
     def fan_in_scale(spaces: tuple[str, ...]) -> float:
         before = view.spec.axis_size(spaces, s)
-        after = view.spec.axis_size(spaces, t)
+        after = view.spec.axis_size(spaces, t_in)
         return math.sqrt(before / after) if before and after and before != after else 1.0
 
-    notes = [f"importance from {imp.inputs}"] + imp.notes
     if t["layers"] != s["layers"]:
         why = ("removed from the middle" if layer_removal == "middle" else
                "the least influential removed: " + ", ".join(f"{i}: {float(imp.influence[i]):.3g}"
                                                             for i in range(s["layers"]) if i not in layer_src))
         notes.append(f"layers {layer_src} of {s['layers']} kept ({why})")
-    return build_plan(
+    plan = build_plan(
         view, t, method="subclone", layer_src=layer_src, layer_maps=layer_maps, global_maps=global_maps,
         fan_in_scale=fan_in_scale, dtype=dtype, seed=seed, notes=notes,
         options={"calibration": None if calibration is None else str(calibration), "calibration_tokens": imp.tokens,
                  "scores": None if scores is None else str(scores), "seed": seed, "dtype": dtype,
-                 "layer_removal": layer_removal,
+                 "layer_removal": layer_removal, "residual": residual,
                  **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}},
     )
+    if t["hidden"] != s["hidden"] and residual == "pca":
+        rotation.rotate(view, plan, imp.covariance, t["hidden"])
+    return plan
+
+
+def residual_method(view: ModelView, asked: str | None, notes: list[str]) -> str:
+    """pca where the family's residual can be rotated (the default), else the top dims by activation."""
+    if asked is not None and asked not in RESIDUAL:
+        raise UsageError(f"--residual {asked} is not one of {', '.join(RESIDUAL)}.")
+    why_not = rotation.unsupported(view)
+    if asked == "pca" and why_not:
+        raise UsageError(f"--residual pca cannot rotate this model's residual stream: {why_not}; "
+                         "use --residual activation.")
+    if asked is None and why_not:
+        notes.append(f"residual cut by activation, not rotated: {why_not}")
+    return asked or ("activation" if why_not else "pca")

@@ -1,6 +1,6 @@
 """Small models actually trained on the Python standard library, with a BPE tokenizer saved beside them.
 
-Used by the shrink training-evidence test and by scripts/shrink_report.py: a shrinking method only
+Used by scripts/shrink_report.py and by the shrink training-evidence test (tests/conftest.py puts scripts/ on the path): a shrinking method only
 promises a better starting point for training, and that can only be shown on a model that knows
 something. Everything is deterministic (fixed files, seeds, batches)."""
 
