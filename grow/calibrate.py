@@ -91,10 +91,8 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
     hooks = []
     layers = view.sizes["layers"]
 
-    def on_input(_m, args, kwargs):
-        hidden.add(args[0] if args else kwargs["hidden_states"])
-
-    hooks.append(model.get_submodule(view.spec.layer_module(0)).register_forward_pre_hook(on_input, with_kwargs=True))
+    hooks.append(model.get_submodule(view.spec.layer_module(0)).register_forward_pre_hook(
+        lambda _m, a, k: hidden.add(_hidden_states(a, k)), with_kwargs=True))
     for i in range(layers):
         hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
     for key, name in _unit_readers(view).items():
