@@ -10,7 +10,7 @@ then
    steps on the same batches, and prints held-out losses.
 Runs on CPU; `--quick` uses the test-sized model.
 
-    python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick] [--skip-training]
+    python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick] [--skip-training|--skip-perplexity]
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ SUBCLONE_OPTIONS = [BEFORE, dict(residual="pca", layer_removal="middle"),
 
 
 def cuts(setup: T.Setup) -> list[tuple[str, dict]]:
-    heads = setup.heads * 3 // 4
-    kv = max(1, setup.kv_heads * 3 // 4)
+    heads, kv = setup.heads // 2, max(1, setup.kv_heads // 2)  # Llama needs hidden % heads == 0: 6 of 8 cannot
     hidden = setup.hidden * 2 // 3 // setup.heads * setup.heads  # a multiple of the heads, as Llama requires
     layers = setup.layers * 2 // 3
     ffn = setup.ffn * 2 // 3
@@ -118,6 +117,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="the test-sized model instead of the report-sized one")
     ap.add_argument("--skip-training", action="store_true", help="print the perplexity table only")
+    ap.add_argument("--skip-perplexity", action="store_true", help="print the training table only")
     args = ap.parse_args()
     import transformers
 
@@ -137,7 +137,8 @@ def main() -> None:
           f"layers) trained {setup.steps} steps on the Python standard library ({len(tok)}-token BPE). Held-out "
           f"text: {held_out.numel()} tokens of standard-library files no model was trained on; calibration: "
           "the default (8192 tokens of the standard library). Perplexity before any training:\n")
-    perplexity_table(src, work, setup, held_out, math.exp(source_loss))
+    if not args.skip_perplexity:
+        perplexity_table(src, work, setup, held_out, math.exp(source_loss))
     if not args.skip_training:
         training_table(src, work, setup, held_out, T.training_stream(src, setup), args.finetune_steps, source_loss)
     print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
