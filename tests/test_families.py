@@ -140,6 +140,10 @@ def test_pythia_head_name_is_kept(model_dir, tmp_path):
     dst = tmp_path / "out"
     grow.expand(src, dst, factor=2, verify=True)
     assert "embed_out.weight" in load_file(str(dst / "model.safetensors"))
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 reads a GPT-NeoX head only as embed_out, so an lm_head-named source does not load")
     renamed = tmp_path / "lm_head_named"
     renamed.mkdir()
     (renamed / "config.json").write_text((src / "config.json").read_text())

@@ -11,7 +11,7 @@ import torch
 
 import grow
 from grow.verify import load_model
-from tiny_models import VOCAB, save_language_model
+from tiny_models import VOCAB, loaded_expert, moe_block, save_language_model
 
 TEXT = (Path(sysconfig.get_paths()["stdlib"]) / "inspect.py").read_bytes()[:20000]
 
@@ -99,11 +99,12 @@ def test_upcycled_experts_are_exact_and_separate(model_dir, tmp_path, options):
     dst = tmp_path / "moe"
     report = grow.upcycle(model_dir("llama"), dst, verify=True, **options)["verification"]
     assert report["passed"] and report["rel_error"] <= 1e-4, report
-    experts = one_adamw_step(dst).model.layers[0].mlp.experts
+    moe = moe_block(one_adamw_step(dst).model.layers[0])
     g = options.get("granularity", 1)
-    gate_up = experts.gate_up_proj.detach()
+    width = json.loads((dst / "config.json").read_text())["intermediate_size"]
     # experts e and e + g hold the same FFN slice
-    assert torch.equal(gate_up[0], gate_up[g]) is False and separation(gate_up[0], gate_up[g]) > 1e-4
+    a, b = (loaded_expert(moe, e, width)[0].detach() for e in (0, g))
+    assert torch.equal(a, b) is False and separation(a, b) > 1e-4
 
 
 def test_stacked_layer_copies_separate(model_dir, tmp_path):
