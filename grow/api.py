@@ -1,20 +1,23 @@
-"""The Python interface; the CLI is a thin layer over these functions."""
+"""The Python interface; the CLI is a thin layer over these functions.
+
+Importing this module does not import torch or transformers (`grow --help` and `grow inspect` stay
+fast); the modules that build tensors are imported by the functions that need them."""
 
 from __future__ import annotations
 
 import inspect as _inspect
 import resource
+import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from . import calibrate, ops, recipes
+from . import DEFAULT_TOL, recipes
 from .arch.view import ModelView
-from .checkpoint import DTYPES, Source
-from .errors import GrowError, UsageError, VerificationFailed
-from .plan import Plan, execute
-from .verify import DEFAULT_TOL
-from .verify import verify as _verify
-from .writer import parse_size
+from .checkpoint import DTYPE_LABELS, Source
+from .errors import GrowError, Interrupted, UsageError, VerificationFailed
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 def peak_rss_bytes() -> int:
@@ -35,21 +38,23 @@ def inspect(src) -> dict:
         key = sk.key.rsplit(".", 1)[-1] if sk.key and not sk.ratio_of else name
         out[key] = view.sizes[name]
     out["parameters"] = view.source.num_parameters
-    out["dtype"] = str(DTYPES[view.source.dtype]).removeprefix("torch.")
+    out["dtype"] = DTYPE_LABELS[view.source.dtype]
     out[view.spec.tie_key or "tie_word_embeddings"] = view.tied
     return out
 
 
-def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: dict) -> Plan:
+def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: dict, progress=None) -> Plan:
     accepted = _inspect.signature(builder).parameters
     for key, value in options.items():
         if value is not None and key not in accepted:
             raise UsageError(f"--{key.replace('_', '-')} does not apply to --method {method}.")
     options = {k: v for k, v in options.items() if v is not None}
     if "importance" in accepted and "importance" not in options:  # a data-driven builder: measuring reads (and may save) files, so it happens here
+        from . import calibrate
+
         options["importance"] = calibrate.importance(
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
-            scores=options.get("scores"), seed=options.get("seed", 0))
+            scores=options.get("scores"), seed=options.get("seed", 0), progress=progress)
     return builder(view, **options)
 
 
@@ -66,6 +71,10 @@ def _check_operation(view: ModelView, operation: str, method: str) -> None:
 
 def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,
              shard_size, tol: float, progress, options: dict) -> dict:
+    from .plan import execute
+    from .verify import verify as _verify
+    from .writer import parse_size
+
     if method not in methods:
         raise UsageError(f"--method {method} is not a way to {operation}; choose one of {', '.join(methods)}.")
     if dst is None and not dry_run:
@@ -76,7 +85,8 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     _check_operation(view, operation, method)
     if view.spec.single_file:
         shard_bytes = None
-    plan = _build(methods[method], view, method, options)
+    start = time.perf_counter()  # the reported seconds include calibration
+    plan = _build(methods[method], view, method, options, progress)
     plan.check_rounding(source)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
     if dry_run:
@@ -85,14 +95,17 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     result.update(
         target=str(Path(dst).resolve()),
         target_parameters=plan.num_parameters,
-        seconds=stats["seconds"],
+        seconds=time.perf_counter() - start,
         bytes_written=stats["bytes"],
         files=stats["files"],
         peak_rss_bytes=peak_rss_bytes(),
     )
     del result["plan"]["tensors"]
     if verify:
-        result["verification"] = _verify(source.path, dst, tol=tol)
+        try:
+            result["verification"] = _verify(source.path, dst, tol=tol, progress=progress)
+        except KeyboardInterrupt:
+            raise Interrupted(f"{result['target']} is complete; only its verification was cut short") from None
     return result
 
 
@@ -102,7 +115,9 @@ def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False
     (hypercloning: factor, ffn_factor, noise, noise_snr_db, seed, dtype; lemon: hidden, ffn, heads, kv_heads,
     layers, split ("element" or "column"), noise_snr_db, seed, dtype; stack: layers, dtype; msg: hidden, ffn,
     heads, kv_heads, layers, ramp_steps, seed, dtype)."""
-    return _operate("expand", ops.EXPAND_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    from .ops import EXPAND_METHODS
+
+    return _operate("expand", EXPAND_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 
 
@@ -111,7 +126,9 @@ def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, veri
     """Write a smaller model that keeps as much of `src` as the method can. Options: the target sizes
     hidden, ffn, heads, kv_heads, layers (left out: unchanged), seed, dtype; select: layer_selection,
     element_selection; subclone: calibration, calibration_tokens, scores."""
-    return _operate("shrink", ops.SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    from .ops import SHRINK_METHODS
+
+    return _operate("shrink", SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 
 
@@ -120,33 +137,54 @@ def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify
     """Turn a dense model into a mixture of experts that starts out computing what `src` did. Options
     (moe): experts, top_k, granularity, shared_expert, format, router, router_std, expert_noise, moe_layers,
     renormalize, seed, dtype."""
-    return _operate("upcycle", ops.UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    from .ops import UPCYCLE_METHODS
+
+    return _operate("upcycle", UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options)
 
 
-def run(recipe, *, dst=None, progress=None) -> list[dict]:
-    """Run every job of a recipe file in order (or re-make an output from its grow.json into dst).
-    A failing job stops the run with an error that names it; earlier outputs stay complete."""
+def run(recipe, *, dst=None, force: bool = False, progress=None) -> list[dict]:
+    """Run every job of a recipe file in order (or re-make an output from its grow.json into dst);
+    force replaces every job's existing target. A failing or interrupted job stops the run with a
+    message that names it and the jobs that completed, whose outputs stay complete."""
     results = []
+    done: list[str] = []  # what each completed job did, for the message of a run that stops
     for k, (command, args) in enumerate(recipes.load_jobs(recipe, dst), 1):
         fn = {"expand": expand, "shrink": shrink, "upcycle": upcycle, "verify": verify}[command]
         label = f"job {k} ({recipes.describe(command, args)})"
         kwargs = {key: v for key, v in args.items() if key not in ("src", "dst")}
-        if command != "verify":
-            kwargs["progress"] = progress
+        kwargs["progress"] = progress
+        if force and command != "verify":
+            kwargs["force"] = True
         try:
             result = fn(args["src"], args["dst"], **kwargs)
         except GrowError as e:
-            raise type(e)(f"{label}: {e}") from None
+            raise type(e)(_stopped(label, str(e), done)) from None
         except TypeError as e:
-            raise UsageError(f"{label}: {e}.") from None
+            raise UsageError(_stopped(label, str(e), done)) from None
+        except KeyboardInterrupt as e:
+            kept = str(e) if isinstance(e, Interrupted) else "its output was not written"
+            raise Interrupted(_stopped(label, kept, done).rstrip(".")) from None
         results.append({"job": k, "command": command, **result})
         report = result if command == "verify" else result.get("verification")
         if report and not report["passed"]:
-            raise VerificationFailed(f"{label}: relative error {report['rel_error']:.3g} exceeds {report['tolerance']:g}.")
+            raise VerificationFailed(_stopped(label, f"relative error {report['rel_error']:.3g} exceeds "
+                                                     f"{report['tolerance']:g}", done))
+        done.append(f"job {k} verified {args['dst']}" if command == "verify" else f"job {k} wrote {result['target']}")
     return results
 
 
-def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
+def _stopped(label: str, message: str, done: list[str]) -> str:
+    """The message of a run stopped by the job `label`, with what the jobs before it completed."""
+    kept = f"; before it, {', '.join(done)} (complete)" if done else ""
+    return f"{label}: {message.rstrip('.')}{kept}."
+
+
+def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
     """Run source and target in transformers or timm and report how far apart they are."""
-    return _verify(src, dst, tol=tol, seed=seed)
+    try:
+        from .verify import verify as _verify
+
+        return _verify(src, dst, tol=tol, seed=seed, progress=progress)
+    except KeyboardInterrupt:
+        raise Interrupted("verify writes nothing, and nothing was changed") from None

@@ -82,8 +82,10 @@ def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
     return out
 
 
-def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list[str] | None = None) -> Importance:
-    """Run `inputs` (token ids or images) through the source one module at a time and gather the statistics."""
+def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list[str] | None = None,
+            progress=None) -> Importance:
+    """Run `inputs` (token ids or images) through the source one module at a time and gather the
+    statistics; progress("calibrating", layers done, layers) after each layer."""
     model, trunk = skeleton(view)
     loader = Loader(model, view)
     hidden = _Stats()
@@ -93,12 +95,21 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
 
     hooks.append(model.get_submodule(view.spec.layer_module(0)).register_forward_pre_hook(
         lambda _m, a, k: hidden.add(_hidden_states(a, k)), with_kwargs=True))
+
+    def on_output(i, output):
+        hidden.add(_first(output))
+        if progress:
+            progress("calibrating", i + 1, layers)
+
     for i in range(layers):
-        hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(lambda _m, _a, o: hidden.add(_first(o))))
+        hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(
+            lambda _m, _a, o, i=i: on_output(i, o)))
     for key, name in _unit_readers(view).items():
         hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
     influence, covariance = _Influence(layers), _Covariance(view.sizes["hidden"])
     hooks += influence.attach(model, view) + covariance.attach(model, view)
+    if progress:
+        progress("calibrating", 0, layers)
     try:
         with torch.no_grad():
             trunk(inputs)
@@ -262,10 +273,10 @@ def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
     return torch.stack(images), f"{len(images)} images from {calibration}", []
 
 
-def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> Importance:
+def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0, progress=None) -> Importance:
     make = image_batch if view.spec.framework == "timm" else token_batch
     inputs, description, notes = make(view, calibration, tokens, seed)
-    return collect(view, inputs, description, notes)
+    return collect(view, inputs, description, notes, progress)
 
 
 # ---- score files ------------------------------------------------------------------------------
@@ -309,12 +320,13 @@ def load(path: Path, view: ModelView) -> Importance:
                       covariance=tensors["covariance"])
 
 
-def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0) -> Importance:
+def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0,
+               progress=None) -> Importance:
     """Scores from `scores` when that file exists, else computed on the calibration data (and saved there)."""
     path = Path(scores).expanduser() if scores is not None else None
     if path is not None and path.is_file():
         return load(path, view)
-    imp = compute(view, calibration, tokens, seed)
+    imp = compute(view, calibration, tokens, seed, progress)
     if path is not None:
         save(path, imp, view)
     return imp

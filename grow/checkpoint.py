@@ -8,22 +8,35 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import GrowError
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 
-# safetensors dtype names -> torch dtypes
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+# safetensors dtype names -> torch dtype names and sizes; by name, so that reading a header (grow
+# inspect, grow --help) does not import torch
+DTYPE_LABELS = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in DTYPES.items()}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def __getattr__(name: str):
+    """DTYPES (safetensors name -> torch dtype) and DTYPE_NAMES (the reverse), built on first use."""
+    if name in ("DTYPES", "DTYPE_NAMES"):
+        import torch
+
+        dtypes = {k: getattr(torch, v) for k, v in DTYPE_LABELS.items()}
+        globals().update(DTYPES=dtypes, DTYPE_NAMES={v: k for k, v in dtypes.items()})
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # Files beside the weights that travel with a model: tokenizer, generation and preprocessing settings.
 COMPANION_FILES = (
@@ -77,7 +90,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
         except (KeyError, TypeError, ValueError):
             raise GrowError(f"{path} has a malformed header entry for tensor {name}; re-download or re-save it.") from None
-        if dtype not in DTYPES:
+        if dtype not in DTYPE_LABELS:
             raise GrowError(f"tensor {name} in {path} has dtype {dtype}, which grow does not handle.")
         info = TensorInfo(name, path, dtype, shape, 8 + n + start)
         if end > data_size or end - start != info.nbytes:
@@ -176,6 +189,8 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         """The tensor, read into memory of its own. A plain read, not a memory map: pages mapped from
         the source would stay resident and memory would grow with the model."""
+        import torch
+
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
@@ -188,7 +203,7 @@ class Source:
             if n == 0:
                 raise GrowError(f"{info.file} ended inside tensor {name}; the file is truncated, re-download it.")
             done += n
-        return data.view(DTYPES[info.dtype]).reshape(info.shape)
+        return data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape)
 
     def companion_files(self) -> list[Path]:
         return [self.path / n for n in COMPANION_FILES if (self.path / n).is_file()]

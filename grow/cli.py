@@ -1,55 +1,96 @@
-"""The `grow` command: parse options, call the API, render the result (rich table or --json)."""
+"""The `grow` command: parse options, call the API, render the result (rich table or --json).
+
+The API is imported by the commands, not here: `grow --help` and `grow --version` never load torch."""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+import traceback
 import warnings
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api
-from .errors import GrowError, GrowWarning
+from . import DEFAULT_TOL, __version__
+from .errors import GrowError, GrowWarning, Interrupted
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
                   help="Grow or shrink a trained checkpoint into a model of another size.")
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
-JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
-QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or logs on stderr.")]
-DEBUG = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error.")]
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"grow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    """Grow or shrink a trained checkpoint into a model of another size."""
+
+
+# Arguments are named in the usage line and described in each command's help (typer would list them
+# with a type label of its own).
+SRC = Annotated[str, typer.Argument(metavar="SRC", hidden=True)]
+DST = Annotated[Optional[str], typer.Argument(metavar="DST", hidden=True)]
+JSON = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (errors too).")]
+QUIET = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings on stderr.")]
+DEBUG = Annotated[bool, typer.Option("--debug", help="Show the traceback of an error (the exit code stays).")]
 DRY = Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")]
 VERIFY = Annotated[bool, typer.Option("--verify", help="Run grow verify on the result.")]
 FORCE = Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")]
-SEED = Annotated[int, typer.Option(help="Seed for everything random (noise, new weights).")]
-DTYPE = Annotated[Optional[str], typer.Option(help="Output dtype: float32, bfloat16 or float16 (default: the source's).")]
-SHARD = Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.")]
-TOL = Annotated[float, typer.Option(help="Largest relative error an exact method may show.")]
+SEED = Annotated[int, typer.Option(metavar="N", help="Seed for everything random (noise, new weights).")]
+DTYPE = Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Output dtype: float32, bfloat16 or float16 "
+                                                                    "(default: the source's).")]
+SHARD = Annotated[str, typer.Option(metavar="SIZE", help="Largest shard file, e.g. 5GB or 500MB.")]
+TOL = Annotated[float, typer.Option(metavar="X", help="Largest relative error an exact method may show.")]
+
+
+def _int(help: str):
+    return typer.Option(metavar="N", help=help)
+
+
+def _float(help: str):
+    return typer.Option(metavar="X", help=help)
+
+
+def _text(help: str, metavar: str = "TEXT"):
+    return typer.Option(metavar=metavar, help=help)
 
 
 def handled(fn):
-    """One sentence and an exit code for user errors; a traceback only with --debug."""
+    """One sentence and an exit code for user errors (a JSON object on stdout with --json); the
+    traceback too with --debug, the exit code unchanged."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        debug = kwargs.get("debug", False)
         try:
             return fn(*args, **kwargs)
         except GrowError as e:
-            if debug:
-                raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("interrupted; nothing was written.")
-            raise typer.Exit(130) from None
+            _fail(str(e), e.exit_code, kwargs)
+        except KeyboardInterrupt as e:
+            kept = str(e) if isinstance(e, Interrupted) else "nothing was written"
+            _fail(f"interrupted; {kept}.", 130, kwargs, prefix="")
 
     return wrapper
+
+
+def _fail(message: str, code: int, kwargs: dict, prefix: str = "[bold red]error:[/] "):
+    if kwargs.get("debug"):
+        traceback.print_exc()
+    if kwargs.get("json_"):
+        print(json.dumps({"error": message, "exit_code": code}))
+    err.print(f"{prefix}{message}", highlight=False)
+    raise typer.Exit(code) from None
 
 
 def _emit(result: dict, as_json: bool, render) -> None:
@@ -59,14 +100,27 @@ def _emit(result: dict, as_json: bool, render) -> None:
         render(result)
 
 
+BYTE_STAGES = ("writing", "hashing", "reading")  # stages counted in bytes; the others count steps
+
+
 def _progress(quiet: bool):
     """A progress callback progress(stage, done, total) drawing one line per stage on stderr, or None
     when stderr is no terminal or --quiet."""
     if quiet or not sys.stderr.isatty():
         return None, None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+    from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeElapsedColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+    class Count(ProgressColumn):
+        """Bytes for byte stages, "done/total" for the others."""
+
+        def __init__(self):
+            super().__init__()
+            self.bytes, self.steps = DownloadColumn(), MofNCompleteColumn()
+
+        def render(self, task):
+            return (self.bytes if task.description in BYTE_STAGES else self.steps).render(task)
+
+    bar = Progress("[progress.description]{task.description:<11}", BarColumn(), Count(), TimeElapsedColumn(),
                    console=err, transient=True)
     tasks: dict[str, int] = {}
 
@@ -95,10 +149,12 @@ def _fmt(v) -> str:
     return str(v)
 
 
-@app.command("inspect")
+@app.command("inspect", short_help="Sizes, parameters, dtype and tie of a checkpoint.")
 @handled
-def inspect_cmd(src: str, json_: JSON = False, debug: DEBUG = False):
-    """Architecture, sizes, parameter count, dtype and tie of a checkpoint."""
+def inspect_cmd(src: SRC, json_: JSON = False, debug: DEBUG = False):
+    """Architecture, sizes, parameter count, dtype and tie of the checkpoint SRC (a folder or hub id)."""
+    from . import api
+
     _emit(api.inspect(src), json_, lambda r: out.print(_table(src, list(r.items()))))
 
 
@@ -110,8 +166,7 @@ def _render_operation(result: dict) -> None:
         rows += [(f"{k}", f"{plan['source_sizes'].get(k)} -> {v}") for k, v in plan["target_sizes"].items()]
         rows += [(k, v) for k, v in plan.get("stats", {}).items()]
         out.print(_table(f"plan: {plan['operation']} {result['source']}", rows))
-        for note in plan["notes"]:
-            out.print(f"note: {note}", highlight=False)
+        _print_notes(plan)
         # one plain line per tensor: names and recipes are never cut to fit a table
         width = max(len(r["name"]) for r in plan["tensors"])
         out.print(f"\n{'tensor':<{width}}  {'shape':<14} dtype  recipe", style="bold", highlight=False)
@@ -124,8 +179,15 @@ def _render_operation(result: dict) -> None:
             ("seconds", result["seconds"]), ("written (MB)", result["bytes_written"] / 1e6),
             ("peak RSS (MB)", result["peak_rss_bytes"] / 1e6)]
     out.print(_table(f"{plan['operation']}: {result['source']}", rows))
+    _print_notes(plan)
     if "verification" in result:
         _render_verification(result["verification"])
+
+
+def _print_notes(plan: dict) -> None:
+    """The plan's notes: among them why a result is not exact and how to make it exact."""
+    for note in plan["notes"]:
+        out.print(f"note: {note}", highlight=False)
 
 
 def _render_verification(r: dict) -> None:
@@ -139,17 +201,25 @@ def _render_verification(r: dict) -> None:
     out.print(_table(f"verify {r['target']}", rows))
 
 
-def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
+@contextmanager
+def _drawing(quiet: bool):
+    """The progress callback for an API call, its lines drawn while the call runs."""
     bar, callback = _progress(quiet)
     if bar:
         bar.start()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", GrowWarning)
-            result = fn(src, dst, progress=callback, **kwargs)
+        yield callback
     finally:
         if bar:
             bar.stop()
+
+
+def _run_operation(name: str, src, dst, json_, quiet, **kwargs) -> dict:
+    from . import api
+
+    with _drawing(quiet) as callback, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", GrowWarning)
+        result = getattr(api, name)(src, dst, progress=callback, **kwargs)
     for w in caught:
         if not issubclass(w.category, GrowWarning):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -163,74 +233,82 @@ def _run_operation(fn, src, dst, json_, quiet, **kwargs) -> dict:
     return result
 
 
-@app.command()
+@app.command(short_help="Write a larger model (hypercloning, lemon, stack, msg).")
 @handled
 def expand(
-    src: str,
-    dst: Annotated[Optional[str], typer.Argument()] = None,
-    method: Annotated[str, typer.Option(
-        help="hypercloning (integer width factors, exact) | lemon (any width and depth, exact) | "
-             "stack (G_stack depth, not exact) | msg (any dimension, exact with its masks)")] = "hypercloning",
-    factor: Annotated[Optional[float], typer.Option(help="Width factor (hypercloning; whole number >= 2).")] = None,
-    ffn_factor: Annotated[Optional[float], typer.Option(help="FFN width factor (hypercloning; default --factor).")] = None,
-    noise: Annotated[Optional[bool], typer.Option("--noise/--no-noise", help="hypercloning: split copies element-wise at random so they separate under training (default on; exact forward).")] = None,
-    noise_snr_db: Annotated[Optional[float], typer.Option(help="SNR in dB of the element-wise split of copies (hypercloning, lemon; default 10).")] = None,
-    hidden: Annotated[Optional[int], typer.Option(help="Target hidden size (lemon, msg).")] = None,
-    ffn: Annotated[Optional[int], typer.Option(help="Target FFN width (lemon, msg).")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Target query heads (lemon, msg); kv heads follow the group size.")] = None,
-    kv_heads: Annotated[Optional[int], typer.Option(help="Target kv heads (lemon, msg).")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Target depth (lemon, stack, msg).")] = None,
-    ramp_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps over which each MSG mask ramps 0 -> 1 (default 1000).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for everything random (noise, splits, new weights; default 0).")] = None,
+    src: SRC,
+    dst: DST = None,
+    method: Annotated[str, _text(
+        "hypercloning (integer width factors, exact) | lemon (any width and depth, exact) | "
+        "stack (G_stack depth, not exact) | msg (any dimension, exact with its masks).", "METHOD")] = "hypercloning",
+    factor: Annotated[Optional[float], _int("Width factor for hypercloning, a whole number of at least 2.")] = None,
+    ffn_factor: Annotated[Optional[float], _int("FFN width factor for hypercloning (default: --factor).")] = None,
+    noise: Annotated[Optional[bool], typer.Option("--noise/--no-noise", help="hypercloning: split copies element-wise "
+                                                  "at random so they separate under training (default on; exact forward).")] = None,
+    noise_snr_db: Annotated[Optional[float], _float("SNR in dB of the element-wise split of copies (hypercloning, lemon; "
+                                                    "default 10).")] = None,
+    hidden: Annotated[Optional[int], _int("Target hidden size (lemon, msg).")] = None,
+    ffn: Annotated[Optional[int], _int("Target FFN width (lemon, msg).")] = None,
+    heads: Annotated[Optional[int], _int("Target query heads (lemon, msg); kv heads follow the group size.")] = None,
+    kv_heads: Annotated[Optional[int], _int("Target kv heads (lemon, msg).")] = None,
+    layers: Annotated[Optional[int], _int("Target depth (lemon, stack, msg).")] = None,
+    ramp_steps: Annotated[Optional[int], _int("Optimizer steps over which each MSG mask ramps from 0 to 1 "
+                                              "(default 1000).")] = None,
+    seed: Annotated[Optional[int], _int("Seed for everything random (noise, splits, new weights; default 0).")] = None,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
     dry_run: DRY = False,
     verify: VERIFY = False,
     force: FORCE = False,
-    tol: TOL = api.DEFAULT_TOL,
+    tol: TOL = DEFAULT_TOL,
     json_: JSON = False,
     quiet: QUIET = False,
     debug: DEBUG = False,
 ):
-    """Write a larger model that starts from what SRC knows."""
-    _run_operation(api.expand, src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor, noise=noise,
+    """Write into the folder DST a larger model that starts from what SRC (a folder or hub id) knows."""
+    _run_operation("expand", src, dst, json_, quiet, method=method, factor=factor, ffn_factor=ffn_factor, noise=noise,
                    noise_snr_db=noise_snr_db, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers,
                    ramp_steps=ramp_steps, seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run,
                    verify=verify, force=force, tol=tol)
 
 
-@app.command()
+@app.command(short_help="Write a smaller model (select, subclone).")
 @handled
 def shrink(
-    src: str,
-    dst: Annotated[Optional[str], typer.Argument()] = None,
-    method: Annotated[str, typer.Option(help="select (data-free) or subclone (data-driven).")] = "select",
-    hidden: Annotated[Optional[int], typer.Option(help="Target width of the residual stream.")] = None,
-    ffn: Annotated[Optional[int], typer.Option(help="Target FFN width.")] = None,
-    heads: Annotated[Optional[int], typer.Option(help="Target number of attention heads (whole heads).")] = None,
-    kv_heads: Annotated[Optional[int], typer.Option(help="Target number of kv heads (whole kv groups).")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Target number of layers.")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="select: target number of experts of a mixture of experts.")] = None,
-    layer_selection: Annotated[Optional[str], typer.Option(help="select: first (default) or uniform.")] = None,
-    element_selection: Annotated[Optional[str], typer.Option(help="select: uniform (default), first or random.")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="subclone: text file or folder (images for timm) to measure activations on.")] = None,
-    calibration_tokens: Annotated[Optional[int], typer.Option(help="subclone: calibration tokens (default 8192).")] = None,
-    scores: Annotated[Optional[str], typer.Option(help="subclone: importance scores file, reused if it exists, else written.")] = None,
-    layer_removal: Annotated[Optional[str], typer.Option(help="subclone: influence (default: the layers that change the residual least) or middle.")] = None,
-    residual: Annotated[Optional[str], typer.Option(help="subclone: pca (default for RMSNorm models: rotate the residual onto its principal directions, then cut) or activation (keep the most active dims).")] = None,
+    src: SRC,
+    dst: DST = None,
+    method: Annotated[str, _text("select (data-free) or subclone (data-driven).", "METHOD")] = "select",
+    hidden: Annotated[Optional[int], _int("Target width of the residual stream.")] = None,
+    ffn: Annotated[Optional[int], _int("Target FFN width.")] = None,
+    heads: Annotated[Optional[int], _int("Target number of attention heads (whole heads).")] = None,
+    kv_heads: Annotated[Optional[int], _int("Target number of kv heads (whole kv groups).")] = None,
+    layers: Annotated[Optional[int], _int("Target number of layers.")] = None,
+    experts: Annotated[Optional[int], _int("select: target number of experts of a mixture of experts.")] = None,
+    layer_selection: Annotated[Optional[str], _text("select: first (default) or uniform.", "HOW")] = None,
+    element_selection: Annotated[Optional[str], _text("select: uniform (default), first or random.", "HOW")] = None,
+    calibration: Annotated[Optional[str], _text("subclone: text file or folder (images for timm) to measure "
+                                                "activations on.", "PATH")] = None,
+    calibration_tokens: Annotated[Optional[int], _int("subclone: calibration tokens (default 8192).")] = None,
+    scores: Annotated[Optional[str], _text("subclone: importance scores file, reused if it exists, else written.",
+                                           "FILE")] = None,
+    layer_removal: Annotated[Optional[str], _text("subclone: influence (default: the layers that change the residual "
+                                                  "least) or middle.", "HOW")] = None,
+    residual: Annotated[Optional[str], _text("subclone: pca (default for RMSNorm models: rotate the residual onto its "
+                                             "principal directions, then cut) or activation (keep the most active dims).",
+                                             "HOW")] = None,
     seed: SEED = 0,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
     dry_run: DRY = False,
     verify: VERIFY = False,
     force: FORCE = False,
-    tol: TOL = api.DEFAULT_TOL,
+    tol: TOL = DEFAULT_TOL,
     json_: JSON = False,
     quiet: QUIET = False,
     debug: DEBUG = False,
 ):
-    """Write a smaller model that keeps as much of SRC as the method can (sizes left out stay)."""
-    _run_operation(api.shrink, src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
+    """Write into the folder DST a smaller model that keeps as much of SRC as the method can (sizes left out stay)."""
+    _run_operation("shrink", src, dst, json_, quiet, method=method, hidden=hidden, ffn=ffn, heads=heads,
                    kv_heads=kv_heads, layers=layers, experts=experts, layer_selection=layer_selection,
                    element_selection=element_selection, calibration=calibration,
                    calibration_tokens=calibration_tokens, scores=scores, layer_removal=layer_removal,
@@ -238,70 +316,80 @@ def shrink(
                    shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
 
 
-@app.command()
+@app.command(short_help="Turn a dense model into a mixture of experts.")
 @handled
 def upcycle(
-    src: str,
-    dst: Annotated[Optional[str], typer.Argument()] = None,
-    experts: Annotated[Optional[int], typer.Option(help="Number of routed experts per sparse layer.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Experts each token uses (a multiple of --granularity).")] = None,
-    granularity: Annotated[int, typer.Option(help="Split the FFN into this many shards; groups of G experts share a router row.")] = 1,
-    shared_expert: Annotated[bool, typer.Option("--shared-expert", help="Give one FFN slice to a shared expert (qwen2_moe).")] = False,
-    format: Annotated[Optional[str], typer.Option("--format", help="mixtral, qwen2_moe or qwen3_moe (default: follows the source).")] = None,
-    router: Annotated[str, typer.Option(help="New router weights: random or zero.")] = "random",
-    router_std: Annotated[float, typer.Option(help="Standard deviation of a random router.")] = 0.02,
-    expert_noise: Annotated[Optional[float], typer.Option(help="Noise on each routed expert, relative to its RMS (not exact).")] = None,
-    moe_layers: Annotated[str, typer.Option(help="Sparse layers: all, every-N ((i+1) % N == 0) or a list like 0,2,3.")] = "all",
-    renormalize: Annotated[bool, typer.Option("--renormalize/--no-renormalize", help="Renormalise the top-k router weights (Qwen MoE norm_topk_prob); off is not exact.")] = True,
-    method: Annotated[str, typer.Option(help="moe")] = "moe",
+    src: SRC,
+    dst: DST = None,
+    experts: Annotated[Optional[int], _int("Number of routed experts per sparse layer.")] = None,
+    top_k: Annotated[Optional[int], _int("Experts each token uses (a multiple of --granularity).")] = None,
+    granularity: Annotated[int, _int("Split the FFN into this many shards; groups of G experts share a "
+                                     "router row.")] = 1,
+    shared_expert: Annotated[bool, typer.Option("--shared-expert", help="Give one FFN slice to a shared expert "
+                                                                        "(qwen2_moe).")] = False,
+    format: Annotated[Optional[str], _text("mixtral, qwen2_moe or qwen3_moe (default: follows the source).",
+                                           "FORMAT")] = None,
+    router: Annotated[str, _text("New router weights: random or zero.", "INIT")] = "random",
+    router_std: Annotated[float, _float("Standard deviation of a random router.")] = 0.02,
+    expert_noise: Annotated[Optional[float], _float("Noise on each routed expert, relative to its RMS "
+                                                    "(not exact).")] = None,
+    moe_layers: Annotated[str, _text("Sparse layers: all, every-N ((i+1) % N == 0) or a list like 0,2,3.",
+                                     "LAYERS")] = "all",
+    renormalize: Annotated[bool, typer.Option("--renormalize/--no-renormalize",
+                                              help="Renormalise the top-k router weights (Qwen MoE norm_topk_prob); "
+                                                   "off is not exact.")] = True,
+    method: Annotated[str, _text("moe (the only one).", "METHOD")] = "moe",
     seed: SEED = 0,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
     dry_run: DRY = False,
     verify: VERIFY = False,
     force: FORCE = False,
-    tol: TOL = api.DEFAULT_TOL,
+    tol: TOL = DEFAULT_TOL,
     json_: JSON = False,
     quiet: QUIET = False,
     debug: DEBUG = False,
 ):
-    """Turn the dense model SRC into a mixture of experts that starts out computing the same function."""
-    _run_operation(api.upcycle, src, dst, json_, quiet, method=method, experts=experts, top_k=top_k,
+    """Write into the folder DST a mixture of experts that starts out computing what the dense model SRC does."""
+    _run_operation("upcycle", src, dst, json_, quiet, method=method, experts=experts, top_k=top_k,
                    granularity=granularity, shared_expert=shared_expert, format=format, router=router,
                    router_std=router_std, expert_noise=expert_noise, moe_layers=moe_layers, renormalize=renormalize,
                    seed=seed, dtype=dtype, shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
 
 
-@app.command("verify")
+@app.command("verify", short_help="Run a source and an output side by side and compare.")
 @handled
-def verify_cmd(src: str, dst: str, tol: TOL = api.DEFAULT_TOL, seed: SEED = 0, json_: JSON = False,
-               quiet: QUIET = False, debug: DEBUG = False):
-    """Run SRC and DST in transformers or timm and report how far apart they are (exit 3 if an exact method failed)."""
-    report = api.verify(src, dst, tol=tol, seed=seed)
+def verify_cmd(src: SRC, dst: Annotated[str, typer.Argument(metavar="DST", hidden=True)],
+               tol: TOL = DEFAULT_TOL, seed: SEED = 0, json_: JSON = False, quiet: QUIET = False,
+               debug: DEBUG = False):
+    """Run the source SRC and grow's output DST in transformers or timm and report how far apart they are
+    (exit 3 if an exact method failed)."""
+    from . import api
+
+    with _drawing(quiet) as callback:
+        report = api.verify(src, dst, tol=tol, seed=seed, progress=callback)
     _emit(report, json_, _render_verification)
     if not report["passed"]:
         err.print(f"error: {dst} does not reproduce {src}: relative error {report['rel_error']:.3g} exceeds {tol:g}.")
         raise typer.Exit(3)
 
 
-@app.command("run")
+@app.command("run", short_help="Run the jobs of a recipe file, or re-make an output.")
 @handled
 def run_cmd(
-    recipe: Annotated[str, typer.Argument(help="A recipe file (YAML/JSON with a 'jobs' list) or an output's grow.json.")],
-    dst: Annotated[Optional[str], typer.Option(help="With a grow.json: where to re-make that output.")] = None,
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", hidden=True)],
+    dst: Annotated[Optional[str], _text("With a grow.json: where to re-make that output.", "DIR")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace every job's DST that exists.")] = False,
     json_: JSON = False,
     quiet: QUIET = False,
     debug: DEBUG = False,
 ):
-    """Run the jobs of a recipe file in order, or re-make an output from its grow.json."""
-    bar, callback = _progress(quiet)
-    if bar:
-        bar.start()
-    try:
-        results = api.run(recipe, dst=dst, progress=callback)
-    finally:
-        if bar:
-            bar.stop()
+    """Run the jobs of the recipe file RECIPE (YAML/JSON with a 'jobs' list) in order, or re-make an output
+    from its grow.json."""
+    from . import api
+
+    with _drawing(quiet) as callback:
+        results = api.run(recipe, dst=dst, force=force, progress=callback)
     if json_:
         print(json.dumps(results, indent=2, default=str))
         return

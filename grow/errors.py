@@ -21,3 +21,7 @@ class VerificationFailed(GrowError):
 
 class GrowWarning(UserWarning):
     """Something the user should know about a result that still went through (shown on stderr, not with --quiet)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what stays on disk (the message completes "interrupted; ...")."""

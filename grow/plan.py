@@ -356,6 +356,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     extra_files: dict[str, dict] = field(default_factory=dict)  # JSON files written beside the weights
     stats: dict = field(default_factory=dict)  # operator-specific figures for --dry-run and grow.json
+    rounded: bool = False  # an exact method whose 16-bit output rounds what it computes (exact in float32)
 
     @property
     def num_parameters(self) -> int:
@@ -369,7 +370,7 @@ class Plan:
         """An exact method stops being exact where the output dtype rounds what it computes: say so."""
         rounded = [r.name for r in self.recipes if r.rounds([source.tensors[n].dtype for n in r.sources])]
         if self.exact and rounded:
-            self.exact = False
+            self.exact, self.rounded = False, True
             self.notes.append(f"not exact: {len(rounded)} tensors (e.g. {rounded[0]}) round in 16 bits; "
                               "use --dtype float32 for an exact model.")
 
@@ -411,7 +412,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
     dst = Path(dst)
     check_target(source.path, dst, force)
     hashes: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: hashes.update(_hash_sources(source)), daemon=True)
+    hasher = threading.Thread(target=lambda: hashes.update(_hash_sources(source, progress)), daemon=True)
     hasher.start()
     start = time.perf_counter()
     with atomic_folder(dst, force) as tmp:
@@ -447,11 +448,18 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
     return {"seconds": time.perf_counter() - start, "files": files, "bytes": plan.nbytes}
 
 
-def _hash_sources(source: Source) -> dict[str, str]:
+def _hash_sources(source: Source, progress=None) -> dict[str, str]:
+    """sha256 of every source file, progress("hashing", bytes done, bytes) after each file."""
     paths = [source.path / "config.json", *source.files]
     if (source.path / INDEX_NAME).is_file():
         paths.insert(1, source.path / INDEX_NAME)
-    return {str(p.relative_to(source.path)): sha256_file(p) for p in paths}
+    total, done, hashes = sum(p.stat().st_size for p in paths), 0, {}
+    for p in paths:
+        hashes[str(p.relative_to(source.path))] = sha256_file(p)
+        done += p.stat().st_size
+        if progress:
+            progress("hashing", done, total)
+    return hashes
 
 
 PAST_TENSE = {"expand": "expanded", "shrink": "shrunk", "upcycle": "upcycled"}
@@ -461,11 +469,17 @@ def _model_card(plan: Plan, source: Source) -> str:
     rows = "\n".join(
         f"| {k} | {plan.source_sizes.get(k, '')} | {v} |" for k, v in plan.target_sizes.items()
     )
-    exact = "function-preserving (check it with `grow verify`)" if plan.exact else "not function-preserving by design"
+    if plan.exact:
+        exact = "function-preserving (check it with `grow verify`)"
+    elif plan.rounded:
+        exact = ("function-preserving up to the rounding of its 16-bit weights: the method is exact, and "
+                 "`--dtype float32` gives an exact copy")
+    else:
+        exact = "not function-preserving by design"
     notes = "".join(f"- {n}\n" for n in plan.notes)
     return (
         f"# {plan.architecture}, {PAST_TENSE.get(plan.operation, plan.operation + 'ed')} with grow\n\n"
-        f"Made from `{source.id}` by `grow {plan.operation} --method {plan.method}` (grow {__version__}); "
+        f"Made from `{source.id}` by `grow {plan.operation}` with method {plan.method} (grow {__version__}); "
         f"the result is {exact}. `grow.json` holds the full recipe and the source file hashes.\n\n"
         f"| size | source | target |\n|---|---|---|\n{rows}\n\n{notes}"
     )

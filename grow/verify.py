@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from . import DEFAULT_TOL
 from .arch.spec import spec_for
-from .checkpoint import Source
+from .arch.spec import architecture_name
+from .checkpoint import Source, sha256_file
 from .errors import GrowError
 from .plan import RECIPE_FILE
 from .runtime import MASKS_FILE, load_masks
-
-DEFAULT_TOL = 1e-4
 
 
 def load_model(path: Path, framework: str):
@@ -96,16 +96,39 @@ def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024) -> floa
         return model(ids, labels=ids).loss.item()
 
 
-def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
+def check_made_from(source: Source, target: Source, recipe: dict) -> None:
+    """Refuse, before any model is loaded, a pair that is not a source and what grow made from it: a
+    DST whose grow.json records another source, or two models of different architectures."""
+    made_from = recipe.get("source", {})
+    recorded = made_from.get("files", {}).get("config.json")
+    if recorded and recorded != sha256_file(source.path / "config.json"):
+        raise GrowError(f"{target.path} was made from {made_from.get('id')}, not from {source.id} (their config.json "
+                        f"differ); run grow verify {made_from.get('id')} {target.path}.")
+    if not recipe and architecture_name(source.config) != architecture_name(target.config):
+        raise GrowError(f"{source.id} is a {architecture_name(source.config)} and {target.path} a "
+                        f"{architecture_name(target.config)}: different models, and {target.path} has no grow.json "
+                        "saying it was made from the source; grow verify compares a source with what grow made from it.")
+
+
+def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
+    """progress("verifying", steps done, steps) as models are loaded and run."""
     source = Source(src)
     target = Source(dst)
     framework = spec_for(source.config, str(source.path / "config.json")).framework
     recipe_path = target.path / RECIPE_FILE
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    check_made_from(source, target, recipe)
     exact = bool(recipe.get("exact", True))
+    steps = 3 if exact else 4
 
+    def step(done: int) -> None:
+        if progress:
+            progress("verifying", done, steps)
+
+    step(0)
     ref_model = load_model(source.path, framework)
     tgt_model = load_model(target.path, framework)
+    step(1)
     if (target.path / MASKS_FILE).is_file():
         load_masks(target.path).attach(tgt_model)  # MSG: the grown model at alpha = 0 is the source
     if framework == "timm":
@@ -114,6 +137,7 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
         vocab = min(ref_model.get_input_embeddings().num_embeddings, tgt_model.get_input_embeddings().num_embeddings)
         inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
     ref, out = run(ref_model, inputs, framework), run(tgt_model, inputs, framework)
+    step(2)
     if ref.shape != out.shape:
         raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
                         f"{list(ref.shape)} (a different vocabulary or class count); they cannot be compared.")
@@ -128,6 +152,7 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
     if framework == "transformers":
         report["loss_source"] = sample_text_loss(ref_model, source.path)
         report["loss_target"] = sample_text_loss(tgt_model, source.path)
+    step(3)
     if not exact:
         del tgt_model
         baseline = random_model_like(target.path, framework, seed)
@@ -136,5 +161,6 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0) -> dict:
             report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path)
         # a lossy method promises a better start than random: closer to the source's predictions
         report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
+        step(4)
     report["passed"] = (report["rel_error"] <= tol) if exact else True
     return report

@@ -155,16 +155,22 @@ def check_target(src: Path, dst: Path, force: bool) -> None:
         raise GrowError(f"{dst} already exists; choose another target or pass --force to replace it.")
     if dst.exists() and not dst.is_dir():
         raise GrowError(f"{dst} exists and is not a folder; remove it or choose another target.")
+    parent = next(p for p in dst.parents if p.exists())  # the folder DST will be made in
+    if not parent.is_dir():
+        raise GrowError(f"{dst} cannot be created: {parent} is a file, not a folder; choose another target.")
 
 
 @contextmanager
 def atomic_folder(dst: Path, force: bool):
     """Yield a temporary folder beside dst; on success it replaces dst, on any failure it is removed."""
     dst = dst.resolve()
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.grow-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise GrowError(f"cannot create {dst}: {e.strerror or e}; choose a folder you can write to.") from None
     try:
         yield tmp
         if dst.exists():

@@ -230,3 +230,54 @@ def test_shrink_refuses_sizes_transformers_would_refuse(model_dir, tmp_path):
     r = runner.invoke(app, ["shrink", str(model_dir("llama")), str(tmp_path / "s"), "--hidden", "70"])
     assert_refused(r, 2, "--hidden 63")
     assert not (tmp_path / "s").exists()
+
+
+def test_target_that_cannot_be_created(src, tmp_path):
+    """A target under a file, or where no folder can be made, is one sentence (exit 1), not a traceback."""
+    (tmp_path / "a_file").write_text("x")
+    assert_refused(expand(src, tmp_path / "a_file" / "x"), 1, "a_file is a file")
+    assert_refused(expand(src, "/proc/grow-x"), 1, "cannot create /proc/grow-x")
+    assert not leftovers(tmp_path)
+
+
+def _interrupt_when(proc, ready, what: str) -> str:
+    deadline = time.time() + 120
+    while not ready() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert ready(), f"the run never reached {what}"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_ctrl_c_during_verify_says_the_output_is_complete(big_src, tmp_path):
+    dst = tmp_path / "out"
+    proc = _cli("expand", big_src, dst, "--factor", "2", "--verify")
+    err = _interrupt_when(proc, lambda: (dst / "grow.json").is_file(), "verification")
+    assert "interrupted" in err and f"{dst} is complete" in err and "nothing was written" not in err
+    assert (dst / "model.safetensors").is_file() and not leftovers(tmp_path)
+
+
+def test_ctrl_c_during_grow_verify_says_nothing_changed(model_dir, tmp_path):
+    """grow verify is interrupted while it loads the models: it never wrote anything."""
+    proc = _cli("verify", model_dir("llama"), model_dir("llama"))
+    maps = Path(f"/proc/{proc.pid}/maps")
+    err = _interrupt_when(proc, lambda: "libtorch" in maps.read_text(), "loading torch")
+    assert "nothing was changed" in err and "nothing was written" not in err.replace("verify writes nothing", "")
+
+
+def test_ctrl_c_in_a_later_job_names_the_jobs_that_completed(model_dir, big_src, tmp_path):
+    import yaml
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"jobs": [
+        {"command": "expand", "src": str(model_dir("llama")), "dst": str(first), "factor": 2},
+        {"command": "expand", "src": str(big_src), "dst": str(second), "factor": 3},
+    ]}))
+    proc = _cli("run", recipe)
+    err = _interrupt_when(proc, lambda: any(".second.grow-tmp-" in p.name for p in tmp_path.iterdir()), "job 2")
+    assert "job 2" in err and f"job 1 wrote {first}" in err
+    assert (first / "model.safetensors").is_file() and not second.exists() and not leftovers(tmp_path)

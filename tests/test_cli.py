@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -121,3 +122,133 @@ def test_verify_refuses_models_that_cannot_be_compared(model_dir, tmp_path):
     assert r.exit_code == 1 and "cannot be compared" in r.stderr and "Traceback" not in r.output
     r = grow("verify", model_dir("vit"), model_dir("vit"), "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["rel_error"] == 0.0
+
+
+def test_help_and_inspect_do_not_import_torch(model_dir):
+    """grow --help and grow inspect stay fast: neither loads torch nor transformers."""
+    code = (
+        "import sys\n"
+        "from grow.cli import app\n"
+        "for args in (['--help'], ['expand', '--help'], ['inspect', sys.argv[1], '--json']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "heavy = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(model_dir("llama"))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '"hidden_size": 72' in r.stdout
+
+
+def test_api_functions_stay_functions_after_their_modules_load(model_dir):
+    """grow.verify is the function even once the module grow.verify has been imported (lazily)."""
+    code = ("import grow, inspect\nfrom grow.verify import load_model\nassert inspect.isfunction(grow.verify)\n"
+            "grow.verify.__call__\nassert inspect.isfunction(grow.verify)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import grow
+
+    assert grow.DEFAULT_TOL == grow.api.DEFAULT_TOL and callable(grow.verify)
+
+
+def test_version_and_short_help():
+    import grow
+
+    r = grow_cli("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"grow {grow.__version__}"
+    for args in (["-h"], ["expand", "-h"], ["run", "-h"]):
+        r = grow_cli(*args)
+        assert r.exit_code == 0 and "Usage:" in r.stdout
+
+
+def test_help_reads_like_a_cli():
+    """Options show a metavar that says what to give (N, SIZE, DTYPE), never a Python type label."""
+    import re
+
+    for command in ("", "inspect", "expand", "shrink", "upcycle", "verify", "run"):
+        text = grow_cli(*([command] if command else []), "--help").stdout
+        assert not re.search(r"<(bool|str|int|float)>", text), (command, text)
+    text = grow_cli("expand", "--help").stdout
+    assert "--factor N" in text and "--shard-size SIZE" in text and "--dtype DTYPE" in text and "SRC" in text
+
+
+def grow_cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_errors_under_json_are_json_on_stdout(model_dir, tmp_path):
+    r = grow_cli("expand", model_dir("llama"), tmp_path / "out", "--json")
+    assert r.exit_code == 2
+    error = json.loads(r.stdout)
+    assert error["exit_code"] == 2 and "--factor is required" in error["error"]
+    r = grow_cli("inspect", tmp_path / "nowhere", "--json")
+    assert r.exit_code == 1 and json.loads(r.stdout)["exit_code"] == 1
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(model_dir, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "grow", "expand", str(model_dir("llama")), str(tmp_path / "o"),
+                        "--factor", "1.5", "--debug"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" in r.stderr and "UsageError" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "grow", "inspect", str(tmp_path / "nowhere"), "--debug"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_missing_factor_is_a_sentence(model_dir, tmp_path):
+    r = grow_cli("expand", model_dir("llama"), tmp_path / "o")
+    assert r.exit_code == 2
+    assert "--factor is required" in r.stderr and "None" not in r.stderr and "--factor 2" in r.stderr
+
+
+def test_verify_refuses_two_different_models(model_dir, tmp_path):
+    r = grow_cli("verify", model_dir("qwen2"), model_dir("mistral"))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "Qwen2ForCausalLM" in r.stderr and "MistralForCausalLM" in r.stderr and "different models" in r.stderr
+    made = tmp_path / "wide"
+    assert grow_cli("expand", model_dir("qwen2"), made, "--factor", "2").exit_code == 0
+    r = grow_cli("verify", model_dir("llama"), made)  # a Llama is not what the Qwen2 output was made from
+    assert r.exit_code == 1 and f"made from {model_dir('qwen2')}" in r.stderr and "Traceback" not in r.output
+
+
+@pytest.mark.filterwarnings("ignore::grow.errors.GrowWarning")
+def test_progress_has_a_line_per_stage_and_seconds_include_calibration(model_dir, tmp_path):
+    import time
+
+    import grow
+
+    seen: dict[str, list] = {}
+
+    def progress(stage, done, total):
+        seen.setdefault(stage, []).append((time.perf_counter(), done, total))
+
+    start = time.perf_counter()
+    result = grow.shrink(model_dir("llama"), tmp_path / "s", method="subclone", hidden=63, calibration_tokens=256,
+                         verify=True, progress=progress)
+    assert {"calibrating", "writing", "hashing", "verifying"} <= set(seen), seen.keys()
+    for stage, calls in seen.items():  # each stage ends complete
+        assert calls[-1][1] == calls[-1][2], (stage, calls[-1])
+    assert seen["calibrating"][-1][2] == 2  # one step per layer
+    calibration_began = seen["calibrating"][0][0]
+    writing_ended = seen["writing"][-1][0]
+    assert result["seconds"] >= writing_ended - calibration_began
+    assert result["seconds"] <= time.perf_counter() - start
+
+
+def test_rounding_only_inexact_output_says_so_with_the_fix(tmp_path):
+    """LEMON on a bf16 source is exact in float32; the screen and the model card say that, not 'by design'."""
+    import torch
+    from tiny_models import save_language_model
+
+    src = save_language_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    r = grow_cli("expand", src, tmp_path / "big", "--method", "lemon", "--hidden", "90")
+    assert r.exit_code == 0, r.output
+    assert "round in 16 bits" in r.stdout and "--dtype float32" in r.stdout
+    card = (tmp_path / "big" / "README.md").read_text()
+    assert "not function-preserving by design" not in card and "--dtype float32" in card
+    assert "`grow expand` with method lemon" in card
+    r = grow_cli("upcycle", src, tmp_path / "moe", "--experts", "4", "--top-k", "2")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "moe" / "README.md").read_text()
+    assert "--method moe" not in card and "`grow upcycle`" in card

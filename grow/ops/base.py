@@ -22,6 +22,9 @@ SIZE_OPTIONS = {"hidden": "--hidden", "ffn": "--ffn", "heads": "--heads", "kv_he
 
 def whole_number(value, option: str, least: int = 1, hint: str = "", most: int | None = None) -> int:
     """An option that must be a whole number (2 and 2.0 both are), as an int; anything else is one sentence."""
+    if value is None:
+        example = least if most is None else most
+        raise UsageError(f"{option} is required: give a whole number of at least {least}, e.g. {option} {example}{hint}.")
     if (isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer()
             or value < least or (most is not None and value > most)):
         bounds = f"of at least {least}" if most is None else f"from {least} to {most}"
