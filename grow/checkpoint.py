@@ -65,8 +65,12 @@ def tensor_nbytes(dtype: str, shape) -> int:
     return ITEMSIZE[dtype] * numel(shape)
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses larger headers; so does grow, before reading one
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header without reading the data."""
+    """Parse and validate a safetensors header without reading the data: as strict as the safetensors
+    library (bounded header, one entry per name, data ranges that tile the data section exactly)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -74,29 +78,68 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if len(head) < 8:
                 raise GrowError(f"{path} is truncated (shorter than a safetensors header); re-download or re-save it.")
             (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise GrowError(f"{path} claims a header of {n:,} bytes, more than the 100 MB safetensors allows; "
+                                "the file is corrupt, re-download or re-save it.")
             if n > size - 8:
                 raise GrowError(f"{path} is truncated or corrupt (its header claims {n} bytes); re-download or re-save it.")
-            header = json.loads(f.read(n))
+            header = json.loads(f.read(n), object_pairs_hook=lambda pairs: _unique(pairs, path))
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
         raise GrowError(f"{path} is not a valid safetensors file ({e.__class__.__name__}); re-download or re-save it.") from None
     except OSError as e:
         raise GrowError(f"cannot read {path}: {e.strerror}.") from None
+    if not isinstance(header, dict):
+        raise GrowError(f"{path} is not a valid safetensors file (its header is not a JSON object); re-download or re-save it.")
     header.pop("__metadata__", None)
-    data_size = size - 8 - n
     out = {}
     for name, meta in header.items():
         try:
             start, end = meta["data_offsets"]
-            dtype, shape = meta["dtype"], tuple(int(s) for s in meta["shape"])
+            dtype, shape = meta["dtype"], tuple(meta["shape"])
+            if not all(_count(v) for v in (start, end, *shape)) or end < start:
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise GrowError(f"{path} has a malformed header entry for tensor {name}; re-download or re-save it.") from None
         if dtype not in DTYPE_LABELS:
             raise GrowError(f"tensor {name} in {path} has dtype {dtype}, which grow does not handle.")
         info = TensorInfo(name, path, dtype, shape, 8 + n + start)
-        if end > data_size or end - start != info.nbytes:
-            raise GrowError(f"{path} is truncated or corrupt (tensor {name} lies outside the file); re-download or re-save it.")
+        if end - start != info.nbytes:
+            raise GrowError(f"{path} is corrupt (tensor {name} has {end - start} bytes of data for shape {list(shape)}); "
+                            "re-download or re-save it.")
         out[name] = info
+    _check_layout(path, out, 8 + n, size)
     return out
+
+
+def _unique(pairs: list, path: Path) -> dict:
+    """A JSON object whose keys are all different (json.loads would keep the last of two silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        twice = next(k for k in out if sum(1 for p in pairs if p[0] == k) > 1)
+        raise GrowError(f"{path} names {twice} twice in its header; the file is corrupt, re-download or re-save it.")
+    return out
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """Tensor data ranges must follow each other without overlap or gap and end at the end of the file."""
+    pos, previous = data_start, None
+    for t in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if t.offset < pos:
+            raise GrowError(f"tensors {previous} and {t.name} in {path} overlap (their data ranges share bytes); "
+                            "the file is corrupt, re-download or re-save it.")
+        if t.offset > pos:
+            raise GrowError(f"{path} has {t.offset - pos} bytes before tensor {t.name} that belong to no tensor; "
+                            "the file is corrupt, re-download or re-save it.")
+        pos, previous = t.offset + t.nbytes, t.name
+    if pos > size:
+        raise GrowError(f"{path} is truncated or corrupt (tensor {previous} lies outside the file); re-download or re-save it.")
+    if pos < size:
+        raise GrowError(f"{path} has {size - pos} bytes after its last tensor that belong to no tensor; "
+                        "the file is corrupt, re-download or re-save it.")
 
 
 def resolve_path(src: str | os.PathLike) -> tuple[Path, str]:
@@ -127,18 +170,30 @@ def resolve_path(src: str | os.PathLike) -> tuple[Path, str]:
 
 
 class Source:
-    """A checkpoint: config.json plus safetensors weights (one file or an indexed set of shards)."""
+    """A checkpoint: config.json plus safetensors weights (one file or an indexed set of shards).
+    Nothing outside it is read: every file it names must lie in the folder (a hub snapshot: in its
+    cache repository, where the snapshot's links point)."""
 
     def __init__(self, src: str | os.PathLike):
         self.path, self.id = resolve_path(src)
+        self.root = (self.path if self.id == str(self.path) else self.path.parents[1]).resolve()
         self.config = self._read_config()
         self.tensors = self._read_index()
         self._handles: dict = {}
+
+    def inside(self, path: Path, named_by: str | None = None) -> Path:
+        """`path` if it (followed through links) lies inside the checkpoint, else one sentence."""
+        if not path.resolve().is_relative_to(self.root):
+            by = f"{named_by} names {path.name}, which" if named_by else f"{path}"
+            raise GrowError(f"{by} points outside {self.path} (to {path.resolve()}); grow reads nothing outside "
+                            "the checkpoint folder, so copy the file into it.")
+        return path
 
     def _read_config(self) -> dict:
         cfg = self.path / "config.json"
         if not cfg.is_file():
             raise GrowError(f"{self.path} has no config.json; a checkpoint folder needs config.json beside its safetensors.")
+        self.inside(cfg)
         try:
             data = json.loads(cfg.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -152,22 +207,31 @@ class Source:
         single = self.path / WEIGHTS_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise GrowError(f"{index} is not a valid index (it needs a weight_map); fix or re-download it.") from None
-            files = sorted(set(weight_map.values()))
+                weight_map = json.loads(self.inside(index).read_text(), object_pairs_hook=lambda p: _unique(p, index))["weight_map"]
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise GrowError(f"{index} is not a valid index (it needs a weight_map of tensor names to shard "
+                                "file names); fix or re-download it.") from None
             tensors: dict[str, TensorInfo] = {}
-            for fname in files:
+            for fname in sorted(set(weight_map.values())):
+                if Path(fname).name != fname or fname in ("", ".", ".."):
+                    raise GrowError(f"{index} names shard {fname!r}, which is not a file name in the folder (it points "
+                                    "outside it or nowhere); fix or re-download the index.")
                 shard = self.path / fname
                 if not shard.is_file():
                     raise GrowError(f"{index} names shard {fname}, which is missing from {self.path}; download the missing shard.")
-                tensors.update(read_safetensors_header(shard))
+                for name, info in read_safetensors_header(self.inside(shard, INDEX_NAME)).items():
+                    if name in tensors:
+                        raise GrowError(f"tensor {name} is stored twice, in {tensors[name].file.name} and {fname}; "
+                                        "the checkpoint is corrupt, re-download or re-save it.")
+                    tensors[name] = info
             missing = [n for n in weight_map if n not in tensors]
             if missing:
                 raise GrowError(f"{index} lists tensor {missing[0]}, which no shard holds; the checkpoint is incomplete.")
             return tensors
         if single.is_file():
-            return read_safetensors_header(single)
+            return read_safetensors_header(self.inside(single))
         raise GrowError(f"{self.path} has no {WEIGHTS_NAME} or {INDEX_NAME}; grow reads safetensors checkpoints.")
 
     @property
@@ -203,15 +267,28 @@ class Source:
             if n == 0:
                 raise GrowError(f"{info.file} ended inside tensor {name}; the file is truncated, re-download it.")
             done += n
-        return data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape)
+        return check_finite(info, data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape))
 
     def companion_files(self) -> list[Path]:
-        return [self.path / n for n in COMPANION_FILES if (self.path / n).is_file()]
+        return [self.inside(self.path / n) for n in COMPANION_FILES if (self.path / n).is_file()]
 
     def close(self) -> None:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+def check_finite(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
+    """`t` if every value is finite, else one sentence naming the tensor. Its smallest and largest
+    values tell (NaN propagates into both), without a mask as large as the tensor."""
+    if t.is_floating_point() and t.numel():
+        import torch
+
+        low, high = torch.aminmax(t)
+        if not (torch.isfinite(low) and torch.isfinite(high)):
+            raise GrowError(f"tensor {info.name} in {info.file.name} holds NaN or infinite values; the checkpoint is "
+                            "damaged (or was saved after training diverged), so grow will not build on it.")
+    return t
 
 
 def numel(shape) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 import yaml
@@ -9,6 +11,27 @@ import yaml
 from .errors import GrowError, UsageError
 
 COMMANDS = ("expand", "shrink", "upcycle", "verify")
+NOT_OPTIONS = ("view", "importance", "progress", "options")  # parameters no recipe gives
+
+
+def options_of(command: str) -> set[str]:
+    """Every key a job of this command may hold: the API function's keywords and every method's options."""
+    from . import api, ops
+
+    methods = {"expand": ops.EXPAND_METHODS, "shrink": ops.SHRINK_METHODS, "upcycle": ops.UPCYCLE_METHODS}.get(command, {})
+    keys = set(inspect.signature(getattr(api, command)).parameters)
+    for build in methods.values():
+        keys |= set(inspect.signature(build).parameters)
+    return (keys - set(NOT_OPTIONS)) | {"command"}
+
+
+def check_keys(mapping: dict, valid: set[str], where: str) -> None:
+    """Refuse a key no command reads (a typo would otherwise fall back to a default silently)."""
+    for key in mapping:
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}."
+            raise UsageError(f"{where} has an unknown key '{key}'{hint}")
 
 
 def load_jobs(path, dst=None) -> list[tuple[str, dict]]:
@@ -26,13 +49,17 @@ def load_jobs(path, dst=None) -> list[tuple[str, dict]]:
         raise UsageError("--dst only applies to re-making an output from its grow.json.")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise UsageError(f"recipe {path} needs a non-empty 'jobs' list (see configs/ for examples).")
+    check_keys(data, {"jobs", "defaults"}, f"recipe {path}")
     defaults = _keys(data.get("defaults") or {}, f"recipe {path} defaults")
+    check_keys(defaults, set().union(*(options_of(c) for c in COMMANDS)) - {"command", "src", "dst"},
+               f"the defaults of {path}")
     jobs = []
     for k, job in enumerate(data["jobs"], 1):
         where = f"job {k} of {path}"
         if not isinstance(job, dict) or job.get("command") not in COMMANDS:
             raise UsageError(f"{where} needs 'command', one of {', '.join(COMMANDS)}.")
         args = _keys(job, where)
+        check_keys(args, options_of(args["command"]), where)
         command = args.pop("command")
         for key in ("src", "dst"):
             if key not in args:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import DEFAULT_TOL
-from .arch.spec import spec_for
-from .arch.spec import architecture_name
+from .arch.spec import architecture_name, spec_for
 from .checkpoint import Source, sha256_file
 from .errors import GrowError
 from .plan import RECIPE_FILE
@@ -21,7 +21,10 @@ def load_model(path: Path, framework: str):
     """The model as transformers or timm load it, in float32, in eval mode; a folder they refuse is
     one sentence that names it."""
     try:
-        return _load(path, framework)
+        with warnings.catch_warnings():
+            # an empty module (Qwen2-MoE's shared expert when upcycling gave it no units) is initialised as a no-op
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            return _load(path, framework)
     except Exception as e:  # the frameworks raise many kinds; all mean the same to the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GrowError(f"{'timm' if framework == 'timm' else 'transformers'} cannot load {path}: {reason}") from None

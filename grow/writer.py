@@ -165,13 +165,13 @@ def atomic_folder(dst: Path, force: bool):
     """Yield a temporary folder beside dst; on success it replaces dst, on any failure it is removed."""
     dst = dst.resolve()
     tmp = dst.parent / f".{dst.name}.grow-tmp-{os.getpid()}"
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    except OSError as e:
-        raise GrowError(f"cannot create {dst}: {e.strerror or e}; choose a folder you can write to.") from None
-    try:
+    try:  # one try from mkdir on: an interrupt right after it still removes tmp
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            raise GrowError(f"cannot create {dst}: {e.strerror or e}; choose a folder you can write to.") from None
         yield tmp
         if dst.exists():
             if not force:

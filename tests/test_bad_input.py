@@ -173,7 +173,7 @@ def test_ctrl_c_leaves_nothing(big_src, tmp_path):
     before = digest(big_src)
     dst = tmp_path / "out"
     proc = _cli("expand", big_src, dst, "--factor", "3")
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # starting python and torch takes long on a loaded machine
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert leftovers(tmp_path), "the run never started writing"
@@ -241,7 +241,7 @@ def test_target_that_cannot_be_created(src, tmp_path):
 
 
 def _interrupt_when(proc, ready, what: str) -> str:
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert ready(), f"the run never reached {what}"

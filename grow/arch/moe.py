@@ -28,6 +28,7 @@ class MoeFormat:
     required: tuple[dict, ...]
     set: dict
     refuse: tuple[dict, ...]
+    expert_row_bytes: int  # an expert's width times the output's bytes per value must be a multiple of this
 
     @property
     def renormalize_key(self) -> str | None:
@@ -47,6 +48,7 @@ def moe_formats() -> dict[str, MoeFormat]:
             keys={k: v for k, v in d["keys"].items() if v is not None}, renormalize=d["renormalize"],
             dense_layers=d["dense_layers"], dense=d["dense"], router=d["router"], expert=d["expert"], shared=d["shared"],
             forbidden=tuple(d["forbidden"]), required=tuple(d["required"]), set=d["set"], refuse=tuple(d["refuse"]),
+            expert_row_bytes=d["expert_row_bytes"],
         )
     return out
 

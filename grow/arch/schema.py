@@ -122,6 +122,7 @@ class MoeFormat(_Strict):
     required: list[Required] = []  # tensors the format always has: zeros when the source lacks them
     set: dict[str, Any] = {}  # fixed config values
     refuse: list[Refusal] = []  # source config settings the format cannot express
+    expert_row_bytes: int = 1  # an expert's width x bytes per value must be a multiple of this (framework kernels)
 
 
 class PerLayerDefault(_Strict):

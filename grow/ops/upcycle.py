@@ -17,6 +17,7 @@ import torch
 
 from ..arch.moe import MoeFormat, moe_formats
 from ..arch.view import Entry, ModelView
+from ..checkpoint import DTYPE_LABELS, ITEMSIZE
 from ..errors import UsageError
 from ..plan import AxisMap, Init, Noise, Plan, TensorRecipe
 from .base import mapped_recipe, output_dtype, target_config, tensor_seed, whole_number
@@ -89,6 +90,25 @@ def _dense_layer_config(fmt: MoeFormat, value, sparse: list[int], layers: int) -
     return {fmt.dense_layers["list"]: dense, fmt.dense_layers["step"]: step}
 
 
+def _check_expert_width(fmt: MoeFormat, view: ModelView, f: int, width: int, E: int, k: int, G: int,
+                        shared_expert: bool, dtype: str | None) -> None:
+    """An expert width the framework's kernels cannot run in the output dtype (the output would load and
+    then fail on its first forward pass) is refused with the granularities and dtype that work."""
+    out = output_dtype(dtype, view.source.dtype)
+    if width * ITEMSIZE[out] % fmt.expert_row_bytes == 0:
+        return
+    extra = 1 if shared_expert else 0
+    fits = [g for g in range(1, E + 1) if E % g == 0 and k % g == 0 and f % (g + extra) == 0
+            and f // (g + extra) * ITEMSIZE[out] % fmt.expert_row_bytes == 0]
+    options = [f"--granularity {g} (width {f // (g + extra)})" for g in fits]
+    if width * ITEMSIZE["F32"] % fmt.expert_row_bytes == 0:
+        options.append("--dtype float32")
+    raise UsageError(
+        f"experts of {width} FFN units ({f} / {G + extra}) are {width * ITEMSIZE[out]} bytes per row in "
+        f"{DTYPE_LABELS[out]}, not a multiple of the {fmt.expert_row_bytes} bytes transformers' {fmt.name} expert "
+        f"kernels need, so the output could not run; use {' or '.join(options) or 'another --granularity'}.")
+
+
 def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_expert: bool = False,
           format: str | None = None, router: str = "random", router_std: float = 0.02,
           expert_noise: float | None = None, moe_layers="all", renormalize: bool = True, seed: int = 0,
@@ -125,6 +145,7 @@ def build(view: ModelView, *, experts=None, top_k=None, granularity=1, shared_ex
         what = f"--granularity {G} plus the shared expert's slice" if shared_expert else f"--granularity {G}"
         raise UsageError(f"the FFN width {f} is not divisible by {slices} ({what}); FFN units are split into equal slices.")
     width = f // slices
+    _check_expert_width(fmt, view, f, width, E, k, G, shared_expert, dtype)
     sparse = parse_moe_layers(moe_layers, L)
     dense_cfg = _dense_layer_config(fmt, moe_layers, sparse, L)
     noisy = bool(expert_noise)
