@@ -173,12 +173,12 @@ def test_ctrl_c_leaves_nothing(big_src, tmp_path):
     before = digest(big_src)
     dst = tmp_path / "out"
     proc = _cli("expand", big_src, dst, "--factor", "3")
-    deadline = time.time() + 300  # starting python and torch takes long on a loaded machine
+    deadline = time.time() + 900  # starting python and torch takes minutes on a loaded machine
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert leftovers(tmp_path), "the run never started writing"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not dst.exists() and not leftovers(tmp_path)
@@ -201,7 +201,7 @@ def test_full_disk_leaves_nothing(big_src, tmp_path):
                 resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
 
             proc = _cli("expand", big_src, mnt / "out", "--factor", "2", preexec_fn=limit)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=900)
         assert proc.returncode == 1, err
         assert err.startswith("error:") and "Traceback" not in err and "nothing was written" in err
         assert list(mnt.iterdir()) == []
@@ -241,12 +241,12 @@ def test_target_that_cannot_be_created(src, tmp_path):
 
 
 def _interrupt_when(proc, ready, what: str) -> str:
-    deadline = time.time() + 300
+    deadline = time.time() + 900
     while not ready() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert ready(), f"the run never reached {what}"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    out, err = proc.communicate(timeout=900)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     return err
