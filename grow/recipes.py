@@ -30,7 +30,7 @@ def check_keys(mapping: dict, valid: set[str], where: str) -> None:
     for key in mapping:
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}."
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(repr(k) for k in sorted(valid))}."
             raise UsageError(f"{where} has an unknown key '{key}'{hint}")
 
 
@@ -47,9 +47,10 @@ def load_jobs(path, dst=None) -> list[tuple[str, dict]]:
         return [_remake(path, data, dst)]
     if dst is not None:
         raise UsageError("--dst only applies to re-making an output from its grow.json.")
+    if isinstance(data, dict):
+        check_keys(data, {"jobs", "defaults"}, f"recipe {path}")
     if not isinstance(data, dict) or not isinstance(data.get("jobs"), list) or not data["jobs"]:
         raise UsageError(f"recipe {path} needs a non-empty 'jobs' list (see configs/ for examples).")
-    check_keys(data, {"jobs", "defaults"}, f"recipe {path}")
     defaults = _keys(data.get("defaults") or {}, f"recipe {path} defaults")
     check_keys(defaults, set().union(*(options_of(c) for c in COMMANDS)) - {"command", "src", "dst"},
                f"the defaults of {path}")

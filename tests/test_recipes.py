@@ -82,7 +82,7 @@ def test_unknown_keys_are_refused_with_the_closest_valid_key(model_dir, tmp_path
         ({"command": "expand", "methd": "lemon", "layers": 4}, "'methd'", "'method'"),
         ({"command": "shrink", "hiden": 32}, "'hiden'", "'hidden'"),
         ({"command": "upcycle", "experts": 4, "topk": 2}, "'topk'", "'top_k'"),
-        ({"command": "verify", "tolerance": 0.1}, "'tolerance'", "'tol'"),
+        ({"command": "verify", "sed": 1}, "'sed'", "'seed'"),
     ]:
         recipe.write_text(yaml.safe_dump({"jobs": [{**job, "src": str(model_dir("llama")), "dst": str(tmp_path / "o")}]}))
         r = runner.invoke(app, ["run", str(recipe)])
