@@ -200,7 +200,7 @@ def _text_files(calibration) -> list[Path]:
 
 def _seq_len(view: ModelView, config_max: int | None) -> int:
     limit = view.sizes.get("positions") or config_max or MAX_SEQ_LEN
-    return max(2, min(MAX_SEQ_LEN, int(limit)))
+    return max(2, min(MAX_SEQ_LEN, int(limit) - view.spec.reserved_positions))
 
 
 def token_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> tuple[torch.Tensor, str, list[str]]:
@@ -242,7 +242,18 @@ def token_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
     if int(batch.max()) >= vocab:
         raise GrowError(f"the tokenizer in {view.source.path} yields ids beyond the model's vocabulary of {vocab}.")
     where = "the Python standard library" if calibration is None else str(calibration)
+    if view.spec.model_entry(view.architecture)["objective"] == "masked_lm" and tok.mask_token_id is not None:
+        batch, _ = masked_lm_inputs(batch, tok.mask_token_id)  # what a masked LM saw in pretraining
+        where += ", every 7th token masked"
     return batch, f"{n * seq} tokens of {where}", []
+
+
+def masked_lm_inputs(ids: torch.Tensor, mask_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids with every 7th token (about the 15% masked-LM pretraining hides) replaced by the mask
+    token, and the labels a masked-LM loss takes (-100 where nothing is masked)."""
+    masked = torch.zeros_like(ids, dtype=torch.bool)
+    masked[:, 1::7] = True
+    return torch.where(masked, mask_token_id, ids), torch.where(masked, ids, -100)
 
 
 def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0) -> tuple[torch.Tensor, str, list[str]]:

@@ -43,8 +43,9 @@ def skeleton(view: ModelView):
 
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(str(view.source.path))
+    auto = getattr(transformers, view.spec.model_entry(view.architecture)["auto_class"])
     with _meta_parameters():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto.from_config(config, dtype=torch.float32)
     trunk = model.eval().base_model
     return model, lambda ids: trunk(input_ids=ids, use_cache=False).last_hidden_state
 

@@ -11,6 +11,7 @@ import torch
 
 from . import DEFAULT_TOL
 from .arch.spec import architecture_name, spec_for
+from .calibrate import TOKENIZER_FILES, masked_lm_inputs
 from .checkpoint import Source, sha256_file
 from .errors import GrowError
 from .plan import RECIPE_FILE
@@ -30,6 +31,12 @@ def load_model(path: Path, framework: str):
         raise GrowError(f"{'timm' if framework == 'timm' else 'transformers'} cannot load {path}: {reason}") from None
 
 
+def model_entry(path: Path) -> dict:
+    """How transformers loads the checkpoint at `path` (its spec's `models` entry)."""
+    config = json.loads((path / "config.json").read_text())
+    return spec_for(config, str(path / "config.json")).model_entry(architecture_name(config))
+
+
 def _load(path: Path, framework: str):
     if framework == "timm":
         import timm
@@ -39,7 +46,8 @@ def _load(path: Path, framework: str):
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    auto = getattr(transformers, model_entry(path)["auto_class"])
+    return auto.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
 def random_model_like(path: Path, framework: str, seed: int):
@@ -53,7 +61,8 @@ def random_model_like(path: Path, framework: str, seed: int):
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(str(path))
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    auto = getattr(transformers, model_entry(path)["auto_class"])
+    return auto.from_config(config, dtype=torch.float32).eval()
 
 
 def sample_inputs(config: dict, framework: str, seed: int, batch: int = 2, seq_len: int = 32, vocab: int | None = None):
@@ -64,10 +73,10 @@ def sample_inputs(config: dict, framework: str, seed: int, batch: int = 2, seq_l
     return torch.randint(0, vocab, (batch, seq_len), generator=gen)
 
 
-def run(model, inputs: torch.Tensor, framework: str) -> torch.Tensor:
+def run(model, inputs: torch.Tensor, framework: str, output: str = "logits") -> torch.Tensor:
     with torch.no_grad():
         out = model(inputs)
-    return (out if framework == "timm" else out.logits).float()
+    return (out if framework == "timm" else getattr(out, output)).float()
 
 
 def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
@@ -82,8 +91,14 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
     }
 
 
-def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024) -> float | None:
-    """Next-token loss on a fixed passage of the Python standard library, when a tokenizer is there."""
+def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024, objective: str | None = "causal_lm",
+                     reserved_positions: int = 0) -> float | None:
+    """The head's own loss on a fixed passage of the Python standard library, when a tokenizer is there:
+    next-token loss, or for a masked LM the loss on the tokens masked_lm_inputs hides."""
+    if objective is None:
+        return None  # a bare encoder has no head
+    if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer that maps every word to unknown
     try:
         import transformers
 
@@ -92,11 +107,16 @@ def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024) -> floa
         return None
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
     limit = getattr(model.config, "max_position_embeddings", None) or max_tokens  # GPT-2's n_positions too
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit)]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit - reserved_positions)]
     if ids.shape[1] < 2 or int(ids.max()) >= model.get_input_embeddings().num_embeddings:
         return None
+    labels = ids
+    if objective == "masked_lm":
+        if tok.mask_token_id is None:
+            return None
+        ids, labels = masked_lm_inputs(ids, tok.mask_token_id)
     with torch.no_grad():
-        return model(ids, labels=ids).loss.item()
+        return model(ids, labels=labels).loss.item()
 
 
 def check_made_from(source: Source, target: Source, recipe: dict) -> None:
@@ -117,7 +137,8 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) 
     """progress("verifying", steps done, steps) as models are loaded and run."""
     source = Source(src)
     target = Source(dst)
-    framework = spec_for(source.config, str(source.path / "config.json")).framework
+    spec = spec_for(source.config, str(source.path / "config.json"))
+    framework, entry = spec.framework, spec.model_entry(architecture_name(source.config))
     recipe_path = target.path / RECIPE_FILE
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
     check_made_from(source, target, recipe)
@@ -139,7 +160,14 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) 
     else:
         vocab = min(ref_model.get_input_embeddings().num_embeddings, tgt_model.get_input_embeddings().num_embeddings)
         inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
-    ref, out = run(ref_model, inputs, framework), run(tgt_model, inputs, framework)
+    output = entry["output"]
+    ref, out = run(ref_model, inputs, framework, output), run(tgt_model, inputs, framework, output)
+    if entry["output_axis"] and out.shape[:-1] == ref.shape[:-1] and out.shape[-1] > ref.shape[-1]:
+        out = out[..., : ref.shape[-1]]  # a wider width space: every growth keeps the source's entries first
+    if ref.shape != out.shape and entry["output_axis"]:
+        raise GrowError(f"{target.path} is narrower than {source.id} in its {entry['output_axis']} width, and a bare "
+                        f"encoder's output ({output}) has that width, so the two cannot be compared; verify the "
+                        "model with its masked-LM head instead.")
     step(2)
     if ref.shape != out.shape:
         raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
@@ -153,15 +181,16 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) 
         **compare(ref, out),
     }
     if framework == "transformers":
-        report["loss_source"] = sample_text_loss(ref_model, source.path)
-        report["loss_target"] = sample_text_loss(tgt_model, source.path)
+        loss = {"objective": entry["objective"], "reserved_positions": spec.reserved_positions}
+        report["loss_source"] = sample_text_loss(ref_model, source.path, **loss)
+        report["loss_target"] = sample_text_loss(tgt_model, source.path, **loss)
     step(3)
     if not exact:
         del tgt_model
         baseline = random_model_like(target.path, framework, seed)
-        report["baseline_random_init"] = compare(ref, run(baseline, inputs, framework))
+        report["baseline_random_init"] = compare(ref, run(baseline, inputs, framework, output))
         if framework == "transformers":
-            report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path)
+            report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path, **loss)
         # a lossy method promises a better start than random: closer to the source's predictions
         report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
         step(4)

@@ -68,10 +68,11 @@ def test_invalid_config(src, tmp_path):
 def test_unsupported_architecture(src, tmp_path):
     def damage(p):
         cfg = json.loads((p / "config.json").read_text())
-        cfg["architectures"] = ["BertForMaskedLM"]
+        cfg["architectures"] = ["T5ForConditionalGeneration"]
         (p / "config.json").write_text(json.dumps(cfg))
 
-    damage_and_expand(src, tmp_path, 1, ["BertForMaskedLM", "LlamaForCausalLM", "GPT2LMHeadModel", "vit_*"], damage)
+    damage_and_expand(src, tmp_path, 1, ["T5ForConditionalGeneration", "LlamaForCausalLM", "GPT2LMHeadModel",
+                                         "BertForMaskedLM", "vit_*"], damage)
 
 
 def test_shape_disagrees_with_config(src, tmp_path):

@@ -109,13 +109,13 @@ def test_bad_sizes_are_refused(model_dir, tmp_path, kind, args, words):
 
 
 @pytest.mark.parametrize("method", ["lemon", "msg"])
-def test_post_ln_models_are_refused(model_dir, method):
+def test_other_block_kinds_are_refused(model_dir, method):
     from grow.checkpoint import Source
     from grow.errors import UsageError
     from grow.ops import EXPAND_METHODS
 
     view = ModelView(Source(model_dir("gpt2")))
     view.spec = copy.copy(view.spec)
-    view.spec.block = "post_norm"  # a spec describing a post-LN variant of the same layout
-    with pytest.raises(UsageError, match="pre-LN"):
+    view.spec.block = "parallel"  # a spec describing a block kind neither method knows (post-LN: test_encoders)
+    with pytest.raises(UsageError, match="needs a pre-LN or post-LN model"):
         EXPAND_METHODS[method](view, layers=3)

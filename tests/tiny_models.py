@@ -17,7 +17,7 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name or "ln_" in name:
+            if "norm" in name.lower() or "ln_" in name:
                 p.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
             else:
                 p.copy_(0.08 * noise)
@@ -113,6 +113,27 @@ def loaded_expert(moe, e: int, width: int):
     if hasattr(expert, "w1"):  # Mixtral
         return expert.w1.weight, expert.w2.weight
     return expert.gate_proj.weight, expert.down_proj.weight
+
+
+ENCODER_KINDS = ("bert_mlm", "bert", "roberta_mlm")
+
+
+def save_encoder(kind: str, path: Path, seed: int = 0, dtype=torch.float32) -> Path:
+    """A BERT-style encoder as save_pretrained writes it: BertForMaskedLM, a bare BertModel (with its
+    pooler), or RobertaForMaskedLM; post-LN blocks, the MLM decoder tied to the word embeddings."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+    if kind == "roberta_mlm":  # positions start after the padding index
+        model = tf.RobertaForMaskedLM(tf.RobertaConfig(max_position_embeddings=66, **sizes))
+    else:
+        config = tf.BertConfig(max_position_embeddings=64, **sizes)
+        model = tf.BertForMaskedLM(config) if kind == "bert_mlm" else tf.BertModel(config)
+    _randomise(model, seed)
+    model.to(dtype).save_pretrained(path)
+    return path
 
 
 def save_vit(path: Path, seed: int = 0, embed_dim: int = 48, num_heads: int = 3, depth: int = 2) -> Path:

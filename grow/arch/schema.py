@@ -67,6 +67,17 @@ class Tensor(_Strict):
     interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
     normalises: Optional[str] = None  # a q/k norm over the whole projection: the module whose output it normalises
     norm: Optional[str] = None  # a reader of the residual: the weight of the norm whose output it reads
+    closes_block: bool = False  # a post-LN block's last norm: its output is the block's output
+
+
+class ModelEntry(_Strict):
+    """How transformers loads one architecture, and what grow verify compares."""
+
+    auto_class: str = "AutoModelForCausalLM"
+    output: str = "logits"  # the attribute of the model's output that verify compares
+    output_axis: Optional[str] = None  # the space of the output's last axis when it is a width (a bare encoder's hidden)
+    objective: Optional[Literal["causal_lm", "masked_lm"]] = "causal_lm"  # the head's loss; none for a bare encoder
+    base_model: bool = False  # the architecture is the base model: its module paths lack the optional prefix too
 
 
 class MoeKeys(_Strict):
@@ -152,6 +163,8 @@ class Spec(_Strict):
     # operation -> the methods grow can apply to a source of this family; none: every method of every operation
     operations: Optional[dict[Literal[OPERATIONS], list[str]]] = None
     tensors: list[Tensor]
+    models: dict[str, ModelEntry] = {}  # architecture -> how transformers loads it (default: a causal LM)
+    reserved_positions: int = 0  # positions the position ids skip (RoBERTa counts from past the padding index)
     moe_format: Optional[MoeFormat] = None  # how `grow upcycle` writes this format
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import GrowError, UsageError
-from .schema import DERIVED_SPACES, FIXED_SPACE, SpecError, validate
+from .schema import DERIVED_SPACES, FIXED_SPACE, ModelEntry, SpecError, validate
 
 SPEC_DIR = Path(__file__).parent / "specs"
 
@@ -32,6 +32,7 @@ class TensorSpec:
     interleaved: bool = False  # a fused axis stored head by head ([head 0: q, k, v], [head 1: ...])
     normalises: str | None = None  # a q/k norm over the whole projection: the module whose output it normalises
     norm: str | None = None  # for a reader of the residual: the weight of the norm whose output it reads
+    closes_block: bool = False  # a post-LN block's last norm: its output is the block's output
 
     def norm_name(self, layer: int | None = None) -> str | None:
         return None if self.norm is None else self.norm.replace("{i}", str(layer))
@@ -103,16 +104,27 @@ class ArchSpec:
         # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
         self.size_checks: dict[str, list[str]] = model.size_checks
         self.tensors = [TensorSpec(t.name, tuple(tuple(a.split("|")) for a in t.axes), t.reads, t.role,
-                                   _pattern_regex(t.name), t.interleaved, t.normalises, t.norm)
+                                   _pattern_regex(t.name), t.interleaved, t.normalises, t.norm,
+                                   t.closes_block)
                         for t in model.tensors]
         self.ignore = [_pattern_regex(p) for p in model.ignore]
         # operation -> the methods grow can apply to a source of this family; None: all of them
         self.operations: dict[str, list[str]] | None = model.operations
+        # architecture -> how transformers loads it and what verify compares (schema.ModelEntry)
+        self.models: dict[str, dict] = {k: v.model_dump() for k, v in model.models.items()}
+        # positions the model's position ids skip (RoBERTa counts from past the padding index)
+        self.reserved_positions: int = model.reserved_positions
         self.data = data  # the file as written (for_names rewrites it)
 
-    def for_names(self, names) -> "ArchSpec":
+    def model_entry(self, architecture: str | None) -> dict:
+        """How transformers loads `architecture`: auto_class, output (what verify compares) and output_axis,
+        objective (causal_lm, masked_lm, or None for a bare encoder), base_model (no head, no module prefix)."""
+        return self.models.get(architecture) or ModelEntry().model_dump()
+
+    def for_names(self, names, architecture: str | None = None) -> "ArchSpec":
         """This spec, with its optional prefix dropped when the checkpoint's names lack it, so that
-        output names follow the source's convention."""
+        output names follow the source's convention. A base model (BertModel) lacks the prefix in its
+        module paths too; a model with a head (GPT2LMHeadModel) keeps it there."""
         p = self.optional_prefix
         if not p or any(n.startswith(p) for n in names):
             return self
@@ -120,7 +132,7 @@ class ArchSpec:
         data["tensors"] = [dict(t, name=t["name"].removeprefix(p), **({"norm": t["norm"].removeprefix(p)} if "norm" in t else {}))
                            for t in data["tensors"]]
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
-        return ArchSpec(data, self.file, module_prefix=p)
+        return ArchSpec(data, self.file, module_prefix="" if self.model_entry(architecture)["base_model"] else p)
 
     def module_path(self, name: str) -> str:
         """Where a tensor (or the module named by a tensor name without its suffix) lives in the model."""

@@ -30,7 +30,8 @@ class ModelView:
     def __init__(self, source: Source):
         self.source = source
         self.config = source.config
-        self.spec: ArchSpec = spec_for(self.config, str(source.path / "config.json")).for_names(source.tensors)
+        spec = spec_for(self.config, str(source.path / "config.json"))
+        self.spec: ArchSpec = spec.for_names(source.tensors, architecture_name(self.config))
         self.sizes = self.spec.read_sizes(self.config)
         self.tied = self.spec.tied(self.config)
         self.entries: list[Entry] = []

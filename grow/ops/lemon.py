@@ -7,7 +7,11 @@ stays as it was; the normalized vector is [y, ..., y, 0] once the norm weights c
 pieces that sum to it exactly (as the LEMON reference does; the copies' gradients differ from the first
 step), or with split="column" each whole column into unequal scalar multiples (gradients start parallel);
 columns reading the extra entries are free. New layers are
-copies whose residual writers are zero, so each new block starts as the identity."""
+copies whose residual writers are zero, so each new block starts as the identity.
+
+Post-LN (BERT): the norm after each residual add is the residual stream, and its output cannot hold
+mean(x) in extra entries, so the hidden width grows by whole multiples only. A new layer takes over the
+closing norm of the layer before it, which becomes the identity; see _hands_on."""
 
 from __future__ import annotations
 
@@ -19,8 +23,8 @@ import torch
 from ..arch.spec import NORM_ROLES
 from ..arch.view import Entry, ModelView
 from ..errors import UsageError
-from ..plan import Init, Plan
-from .base import depth_config, mapped_recipe, target_config, tensor_seed
+from ..plan import Init, Plan, TensorRecipe
+from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed
 from .growth import SPLIT_SNR_DB, grouped_heads, spread_layers, symmetry_breaking, target_sizes, unequal_split
 from .maps import WidthMap, per_head
 
@@ -35,14 +39,19 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     if split == "column" and noise_snr_db is not None:
         raise UsageError("--noise-snr-db sets the element-wise split; it does not apply to split='column'.")
     snr = (SPLIT_SNR_DB if noise_snr_db is None else noise_snr_db) if split == "element" else None
-    if view.spec.block != "pre_norm":
-        raise UsageError(f"--method lemon needs a pre-LN model; {view.architecture} is {view.spec.block}, where "
-                         "new units and layers cannot start without changing the function.")
+    if view.spec.block not in ("pre_norm", "post_norm"):
+        raise UsageError(f"--method lemon needs a pre-LN or post-LN model; {view.architecture} is {view.spec.block}.")
+    post_norm = view.spec.block == "post_norm"
     s = view.sizes
     t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     gains = _whole_projection_gains(view, s, t)
     d, D = s["hidden"], t["hidden"]
     copies, extra = divmod(D, d)
+    if post_norm and extra:
+        raise UsageError(
+            f"--hidden {D} is not a multiple of the source's {d}: in a post-LN model ({view.architecture}) the "
+            "LayerNorm output is the residual stream and cannot hold the mean of x that extra entries need; "
+            f"grow the hidden width by whole multiples, e.g. --hidden {(copies + 1) * d}.")
     share = copies * d / D  # fraction of the residual entries that hold copies of x
 
     sources = {}  # space -> source position of each target position (-1: new)
@@ -75,10 +84,14 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
         recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, snr, gains,
                                new_layer=False))
     for i, (j, new) in enumerate(layer_plan):
+        followed_by_new = i + 1 < len(layer_plan) and layer_plan[i + 1][1]
         for e in view.layer(j):
             name = e.spec.name(i)
-            recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, gains,
-                                   new_layer=new))
+            if post_norm and _hands_on(e, new, followed_by_new):
+                recipes.append(_identity_norm(view, e, name, t, dtype))
+            else:
+                recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, gains,
+                                       new_layer=new))
 
     config = depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan])
     how, note = symmetry_breaking(snr, column_split=split == "column")
@@ -87,6 +100,10 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
         notes.append(f"{t['layers'] - s['layers']} new layers (copies with zero residual writers) among the "
                      f"{s['layers']} source layers: target layer i comes from source layer "
                      f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new).")
+    if post_norm and t["layers"] != s["layers"]:
+        notes.append("post-LN: the closing LayerNorm of the layer before a new one becomes the identity (weight 1, "
+                     "bias 0) and the new layer's own norms take over from it, so the new layer renormalizes an "
+                     "already normalized vector: exact up to a relative error of about the LayerNorm eps.")
     return Plan(
         operation="expand", method="lemon", exact=True, architecture=view.architecture, config=config,
         recipes=recipes, source_sizes=s, target_sizes=t, notes=notes, stats={"symmetry_breaking": how},
@@ -161,3 +178,21 @@ def _recipe(view: ModelView, e: Entry, maps, name: str, copies: int, share: floa
             for k, a in enumerate(r.axes)
         )
     return r
+
+
+def _hands_on(e: Entry, new_layer: bool, followed_by_new: bool) -> bool:
+    """Post-LN depth: which norms become the identity. A layer followed by a new layer hands its closing
+    norm on (the new layer's closing norm carries it) and outputs the bare normalized vector y; a new
+    layer, whose writers are zero, must then pass y through its inner norms unchanged (LN(y) = y up to
+    eps, since y already has mean 0 and variance 1)."""
+    if e.spec.role != "norm":
+        return False
+    return followed_by_new if e.spec.closes_block else new_layer
+
+
+def _identity_norm(view: ModelView, e: Entry, name: str, sizes: dict[str, int], dtype) -> TensorRecipe:
+    init = Init("zeros" if e.name.endswith("bias") else "ones")
+    note = ("identity: its closing norm moves to the new layer after it" if e.spec.closes_block
+            else "identity: a new layer passes the normalized vector on")
+    return TensorRecipe(name=name, shape=view.expected_shape(e.spec, e.info.shape, sizes),
+                        dtype=output_dtype(dtype, e.info.dtype), init=init, note=note)

@@ -20,13 +20,16 @@ from .maps import WidthMap, per_head
 
 INIT_STD = 0.02
 DEFAULT_RAMP_STEPS = 1000
+# The hidden-width masks sit on the norms themselves (statistics over the old entries, new outputs times
+# alpha), so they hold whether a norm reads the residual (pre-LN) or is the residual (post-LN, after the add).
+MASKABLE_BLOCKS = ("pre_norm", "post_norm")
 
 
 def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, layers=None,
           ramp_steps: int = DEFAULT_RAMP_STEPS, seed: int = 0, dtype: str | None = None) -> Plan:
     ramp_steps = whole_number(ramp_steps, "--ramp-steps")
-    if view.spec.block != "pre_norm":
-        raise UsageError(f"--method msg needs a pre-LN model; {view.architecture} is {view.spec.block}.")
+    if view.spec.block not in MASKABLE_BLOCKS:
+        raise UsageError(f"--method msg needs a pre-LN or post-LN model; {view.architecture} is {view.spec.block}.")
     s = view.sizes
     t = target_sizes(view, "msg", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     maps: dict[str, WidthMap] = {}
