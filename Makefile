@@ -37,6 +37,10 @@ demo: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_expand.py
 
+# Models larger than RAM: writes about 40 GB under .cache/bench-big and runs for a long time.
+bench-big: $(STAMP)
+	$(PY) scripts/bench_big.py
+
 # Training evidence for every growth path (about 30 minutes on 2 CPU cores): docs/growth_evidence.{png,json,md}
 evidence: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[evidence]'

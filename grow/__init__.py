@@ -3,6 +3,7 @@
 The API functions are bound on first use, so that `import grow.cli` (and with it `grow --help`) does
 not load torch; the first of them loads the modules that make tensors."""
 
+import os as _os
 import sys
 import types
 
@@ -10,6 +11,10 @@ __version__ = "0.1.0"
 DEFAULT_TOL = 1e-4  # the largest relative error grow verify accepts from an exact method
 
 API = ("expand", "inspect", "run", "shrink", "upcycle", "verify")
+
+# Fresh tensors in 2 MB pages: building a model's worth of output tensors otherwise spends most of its
+# system time faulting in 4 kB pages. Read by torch once, so it only works when set before torch is.
+_os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import GrowError, UsageError, VerificationFailed  # noqa: E402
 

@@ -43,7 +43,7 @@ def inspect(src) -> dict:
     return out
 
 
-def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: dict, progress=None) -> Plan:
+def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: dict, progress=None, device="cpu") -> Plan:
     accepted = _inspect.signature(builder).parameters
     for key, value in options.items():
         if value is not None and key not in accepted:
@@ -54,7 +54,7 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
 
         options["importance"] = calibrate.importance(
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
-            scores=options.get("scores"), seed=options.get("seed", 0), progress=progress)
+            scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device)
     return builder(view, **options)
 
 
@@ -70,7 +70,7 @@ def _check_operation(view: ModelView, operation: str, method: str) -> None:
 
 
 def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,
-             shard_size, tol: float, progress, options: dict) -> dict:
+             shard_size, tol: float, progress, options: dict, device="cpu") -> dict:
     from .plan import execute
     from .verify import verify as _verify
     from .writer import parse_size
@@ -86,7 +86,7 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     if view.spec.single_file:
         shard_bytes = None
     start = time.perf_counter()  # the reported seconds include calibration
-    plan = _build(methods[method], view, method, options, progress)
+    plan = _build(methods[method], view, method, options, progress, device)
     plan.check_rounding(source)
     result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
     if dry_run:
@@ -103,14 +103,14 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
     del result["plan"]["tensors"]
     if verify:
         try:
-            result["verification"] = _verify(source.path, dst, tol=tol, progress=progress)
+            result["verification"] = _verify(source.path, dst, tol=tol, device=device, progress=progress)
         except KeyboardInterrupt:
             raise Interrupted(f"{result['target']} is complete; only its verification was cut short") from None
     return result
 
 
 def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False, verify: bool = False,
-           force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
+           force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, device="cpu", **options) -> dict:
     """Write a larger model that starts from what `src` knows. Options depend on the method
     (hypercloning: factor, ffn_factor, noise, noise_snr_db, seed, dtype; lemon: hidden, ffn, heads, kv_heads,
     layers, split ("element" or "column"), noise_snr_db, seed, dtype; stack: layers, dtype; msg: hidden, ffn,
@@ -118,29 +118,29 @@ def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False
     from .ops import EXPAND_METHODS
 
     return _operate("expand", EXPAND_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
-                    shard_size=shard_size, tol=tol, progress=progress, options=options)
+                    shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 
 def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, verify: bool = False,
-           force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
+           force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, device="cpu", **options) -> dict:
     """Write a smaller model that keeps as much of `src` as the method can. Options: the target sizes
     hidden, ffn, heads, kv_heads, layers (left out: unchanged), seed, dtype; select: layer_selection,
     element_selection; subclone: calibration, calibration_tokens, scores."""
     from .ops import SHRINK_METHODS
 
     return _operate("shrink", SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
-                    shard_size=shard_size, tol=tol, progress=progress, options=options)
+                    shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 
 def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify: bool = False,
-            force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, **options) -> dict:
+            force: bool = False, shard_size="5GB", tol: float = DEFAULT_TOL, progress=None, device="cpu", **options) -> dict:
     """Turn a dense model into a mixture of experts that starts out computing what `src` did. Options
     (moe): experts, top_k, granularity, shared_expert, format, router, router_std, expert_noise, moe_layers,
     renormalize, seed, dtype."""
     from .ops import UPCYCLE_METHODS
 
     return _operate("upcycle", UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
-                    shard_size=shard_size, tol=tol, progress=progress, options=options)
+                    shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 
 def run(recipe, *, dst=None, force: bool = False, progress=None) -> list[dict]:
@@ -168,8 +168,7 @@ def run(recipe, *, dst=None, force: bool = False, progress=None) -> list[dict]:
         results.append({"job": k, "command": command, **result})
         report = result if command == "verify" else result.get("verification")
         if report and not report["passed"]:
-            raise VerificationFailed(_stopped(label, f"relative error {report['rel_error']:.3g} exceeds "
-                                                     f"{report['tolerance']:g}", done))
+            raise VerificationFailed(_stopped(label, report["failure"], done))
         done.append(f"job {k} verified {args['dst']}" if command == "verify" else f"job {k} wrote {result['target']}")
     return results
 
@@ -180,11 +179,13 @@ def _stopped(label: str, message: str, done: list[str]) -> str:
     return f"{label}: {message.rstrip('.')}{kept}."
 
 
-def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
-    """Run source and target in transformers or timm and report how far apart they are."""
+def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", progress=None) -> dict:
+    """Run source and target layer by layer in transformers or timm (memory bounded by one layer) and
+    report how far apart they are, at the output and after every layer (`layers`, `first_divergent_layer`),
+    and whether the target runs in its own dtype (`dtype_check`); device: cpu or cuda."""
     try:
         from .verify import verify as _verify
 
-        return _verify(src, dst, tol=tol, seed=seed, progress=progress)
+        return _verify(src, dst, tol=tol, seed=seed, device=device, progress=progress)
     except KeyboardInterrupt:
         raise Interrupted("verify writes nothing, and nothing was changed") from None

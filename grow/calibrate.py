@@ -17,7 +17,7 @@ import torch
 
 from .arch.view import ModelView
 from .errors import GrowError, GrowWarning, UsageError
-from .layerwise import Loader, skeleton
+from .layerwise import Loader, _first, resolve_device, skeleton
 
 DEFAULT_TOKENS = 8192
 MAX_SEQ_LEN = 512
@@ -57,16 +57,12 @@ class _Stats:
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.detach().reshape(-1, x.shape[-1]).abs().to(torch.float64)
-        s = flat.sum(0)
+        s = flat.sum(0).cpu()
         self.sum = s if self.sum is None else self.sum + s
         self.count += flat.shape[0]
 
     def mean(self) -> torch.Tensor:
         return (self.sum / max(self.count, 1)).to(torch.float32)
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
 
 
 def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
@@ -83,11 +79,12 @@ def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
 
 
 def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list[str] | None = None,
-            progress=None) -> Importance:
+            progress=None, device="cpu") -> Importance:
     """Run `inputs` (token ids or images) through the source one module at a time and gather the
     statistics; progress("calibrating", layers done, layers) after each layer."""
+    device = resolve_device(device)
     model, trunk = skeleton(view)
-    loader = Loader(model, view)
+    loader = Loader(model, view, device=device)
     hidden = _Stats()
     units = {key: _Stats() for key in _unit_readers(view)}
     hooks = []
@@ -112,7 +109,7 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
         progress("calibrating", 0, layers)
     try:
         with torch.no_grad():
-            trunk(inputs)
+            trunk(inputs.to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -284,10 +281,11 @@ def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
     return torch.stack(images), f"{len(images)} images from {calibration}", []
 
 
-def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0, progress=None) -> Importance:
+def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0, progress=None,
+            device="cpu") -> Importance:
     make = image_batch if view.spec.framework == "timm" else token_batch
     inputs, description, notes = make(view, calibration, tokens, seed)
-    return collect(view, inputs, description, notes, progress)
+    return collect(view, inputs, description, notes, progress, device)
 
 
 # ---- score files ------------------------------------------------------------------------------
@@ -332,12 +330,12 @@ def load(path: Path, view: ModelView) -> Importance:
 
 
 def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0,
-               progress=None) -> Importance:
+               progress=None, device="cpu") -> Importance:
     """Scores from `scores` when that file exists, else computed on the calibration data (and saved there)."""
     path = Path(scores).expanduser() if scores is not None else None
     if path is not None and path.is_file():
         return load(path, view)
-    imp = compute(view, calibration, tokens, seed, progress)
+    imp = compute(view, calibration, tokens, seed, progress, device)
     if path is not None:
         save(path, imp, view)
     return imp

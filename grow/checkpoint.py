@@ -256,18 +256,33 @@ class Source:
         import torch
 
         info = self.tensors[name]
+        data = self._read(info, 0, info.nbytes)
+        return check_finite(info, data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape))
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor's first axis, reading only their bytes."""
+        import torch
+
+        info = self.tensors[name]
+        row = info.nbytes // max(info.shape[0], 1)
+        data = self._read(info, start * row, (stop - start) * row)
+        return data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(stop - start, *info.shape[1:])
+
+    def _read(self, info: TensorInfo, at: int, nbytes: int) -> torch.Tensor:
+        import torch
+
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        data = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(data.numpy())
         done = 0
-        while done < info.nbytes:
-            n = os.preadv(handle.fileno(), [view[done:]], info.offset + done)
+        while done < nbytes:
+            n = os.preadv(handle.fileno(), [view[done:]], info.offset + at + done)
             if n == 0:
-                raise GrowError(f"{info.file} ended inside tensor {name}; the file is truncated, re-download it.")
+                raise GrowError(f"{info.file} ended inside tensor {info.name}; the file is truncated, re-download it.")
             done += n
-        return check_finite(info, data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape))
+        return data
 
     def companion_files(self) -> list[Path]:
         return [self.inside(self.path / n) for n in COMPANION_FILES if (self.path / n).is_file()]
@@ -304,3 +319,56 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class StreamHasher:
+    """sha256 of files fed by reads made anyway. Bytes that arrive in file order are hashed as they
+    pass; a small gap before them (the header, a small tensor read later or never) is read and hashed
+    then; a read far ahead is let go (the hash catches up with it when the reads that come before it
+    arrive, or at the end), so reading out of file order never stalls the reads; a range already
+    passed is ignored; whatever was never reached is read at the end (finish)."""
+
+    CHUNK = 1 << 24
+    GAP = 1 << 26  # larger gaps are not read while streaming
+
+    def __init__(self, paths: list[Path], progress=None):
+        self.state = {Path(p): [hashlib.sha256(), 0] for p in paths}
+        self.total = sum(Path(p).stat().st_size for p in paths)
+        self.done = 0
+        self.progress = progress
+        if progress:
+            progress("hashing", 0, self.total)
+
+    def feed(self, path: Path, offset: int, data) -> None:
+        """Bytes `data` read from `path` at `offset`."""
+        state = self.state.get(path)
+        if state is None:
+            return
+        data = memoryview(data).cast("B")
+        if state[1] < offset <= state[1] + self.GAP:
+            self._catch_up(path, offset)
+        pos = state[1]
+        if offset <= pos < offset + len(data):
+            self._update(state, data[pos - offset:])
+
+    def _update(self, state, data) -> None:
+        state[0].update(data)
+        state[1] += len(data)
+        self.done += len(data)
+        if self.progress:
+            self.progress("hashing", self.done, self.total)
+
+    def _catch_up(self, path: Path, until: int | None) -> None:
+        state = self.state[path]
+        with open(path, "rb", buffering=0) as f:
+            f.seek(state[1])
+            while until is None or state[1] < until:
+                block = f.read(self.CHUNK if until is None else min(self.CHUNK, until - state[1]))
+                if not block:
+                    break
+                self._update(state, block)
+
+    def finish(self) -> dict[Path, str]:
+        for path in self.state:
+            self._catch_up(path, None)
+        return {path: h.hexdigest() for path, (h, _) in self.state.items()}

@@ -53,6 +53,8 @@ DTYPE = Annotated[Optional[str], typer.Option(metavar="DTYPE", help="Output dtyp
                                                                     "(default: the source's).")]
 SHARD = Annotated[str, typer.Option(metavar="SIZE", help="Largest shard file, e.g. 5GB or 500MB.")]
 TOL = Annotated[float, typer.Option(metavar="X", help="Largest relative error an exact method may show.")]
+DEVICE = Annotated[str, typer.Option(metavar="DEVICE", help="Where verification and calibration run: cpu or cuda "
+                                                              "(the same results).")]
 
 
 def _int(help: str):
@@ -192,8 +194,15 @@ def _print_notes(plan: dict) -> None:
 
 def _render_verification(r: dict) -> None:
     keys = ["method", "exact_expected", "max_abs_diff", "rel_error", "top1_agreement", "kl", "loss_source", "loss_target",
-            "beats_random_init"]
+            "beats_random_init", "first_divergent_layer"]
     rows = [(k, r[k]) for k in keys if r.get(k) is not None]
+    if r.get("layers"):
+        rows.append(("largest error after a layer", max(e["rel_error"] for e in r["layers"])))
+    if r.get("dtype_check"):
+        check = r["dtype_check"]
+        rows.append((f"runs in {check['dtype']}", check["ran"]))
+        if check["ran"]:
+            rows.append((f"{check['dtype']}: rel_error", check["rel_error"]))
     for k, v in (r.get("baseline_random_init") or {}).items():
         if v is not None:
             rows.append((f"random init: {k}", v))
@@ -296,6 +305,7 @@ def shrink(
     residual: Annotated[Optional[str], _text("subclone: pca (default for RMSNorm models: rotate the residual onto its "
                                              "principal directions, then cut) or activation (keep the most active dims).",
                                              "HOW")] = None,
+    device: DEVICE = "cpu",
     seed: SEED = 0,
     dtype: DTYPE = None,
     shard_size: SHARD = "5GB",
@@ -313,7 +323,7 @@ def shrink(
                    element_selection=element_selection, calibration=calibration,
                    calibration_tokens=calibration_tokens, scores=scores, layer_removal=layer_removal,
                    residual=residual, seed=seed, dtype=dtype,
-                   shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol)
+                   shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol, device=device)
 
 
 @app.command(short_help="Turn a dense model into a mixture of experts.")
@@ -360,17 +370,18 @@ def upcycle(
 @app.command("verify", short_help="Run a source and an output side by side and compare.")
 @handled
 def verify_cmd(src: SRC, dst: Annotated[str, typer.Argument(metavar="DST", hidden=True)],
-               tol: TOL = DEFAULT_TOL, seed: SEED = 0, json_: JSON = False, quiet: QUIET = False,
-               debug: DEBUG = False):
-    """Run the source SRC and grow's output DST in transformers or timm and report how far apart they are
-    (exit 3 if an exact method failed)."""
+               tol: TOL = DEFAULT_TOL, seed: SEED = 0, device: DEVICE = "cpu", json_: JSON = False,
+               quiet: QUIET = False, debug: DEBUG = False):
+    """Run the source SRC and grow's output DST layer by layer in transformers or timm and report how far
+    apart they are, after every layer and at the output (exit 3 if an exact method failed or DST does not
+    run in its own dtype)."""
     from . import api
 
     with _drawing(quiet) as callback:
-        report = api.verify(src, dst, tol=tol, seed=seed, progress=callback)
+        report = api.verify(src, dst, tol=tol, seed=seed, device=device, progress=callback)
     _emit(report, json_, _render_verification)
     if not report["passed"]:
-        err.print(f"error: {dst} does not reproduce {src}: relative error {report['rel_error']:.3g} exceeds {tol:g}.")
+        err.print(f"error: {report['failure']}", highlight=False)
         raise typer.Exit(3)
 
 

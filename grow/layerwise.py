@@ -7,11 +7,12 @@ by one module's weights plus the activations. Calibration and verification both 
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import torch
 
 from .arch.view import ModelView
-from .errors import GrowError
+from .errors import GrowError, UsageError
 
 
 @contextlib.contextmanager
@@ -50,42 +51,270 @@ def skeleton(view: ModelView):
     return model, lambda ids: trunk(input_ids=ids, use_cache=False).last_hidden_state
 
 
-class Loader:
-    """Forward hooks that give a module its real tensors for the duration of its own forward."""
+CHUNK_BYTES = 1 << 28  # a Linear or Embedding weight larger than this is never held whole: read in row blocks
+CHUNK_ROWS_MIN = 256
 
-    def __init__(self, model: torch.nn.Module, view: ModelView):
-        self.source = view.source
+
+def resolve_device(device) -> torch.device:
+    """cpu or cuda; cuda is refused with one sentence where torch cannot use a GPU."""
+    name = str(device or "cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name} is not a device grow runs on; choose cpu or cuda.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} needs a CUDA GPU that torch can use, and there is none here; use --device cpu.")
+    return torch.device(name)
+
+
+class Loader:
+    """Forward hooks that give a module its real tensors for the duration of its own forward.
+
+    `weights` gives the tensors (the view's Source by default); `init(module)` instead initialises each
+    module afresh, seeded by its name, so that a random model of any size runs in bounded memory too.
+    Linear and Embedding weights larger than CHUNK_BYTES are never whole in memory: a Linear runs in
+    blocks of output rows, an Embedding reads only the rows its input ids pick."""
+
+    def __init__(self, model: torch.nn.Module, view: ModelView, *, weights=None, init=None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device="cpu"):
+        self.source = weights if weights is not None else view.source
         self.spec = view.spec
+        self.init, self.seed = init, seed
+        self.dtype, self.device = dtype, torch.device(device)
+        self.itemsize = torch.empty((), dtype=dtype).element_size()
+        self.aliases = _tie_aliases(model, view)
         self.live = 0
         self.peak = 0
+        self.charged: dict[int, int] = {}  # bytes each loaded module holds
         self.handles = []
+        if self.device.type != "cpu":
+            for module in model.modules():
+                for bname, b in module._buffers.items():
+                    if b is not None:
+                        module._buffers[bname] = b.to(self.device)
         for name, module in model.named_modules():
             if not any(p is not None for p in module._parameters.values()):
                 continue
             if module is model:  # root parameters (class token, positions) are used outside any forward
                 self._load(module, name)
                 continue
-            self.handles.append(module.register_forward_pre_hook(lambda m, _a, n=name: self._load(m, n)))
+            weight = module._parameters.get("weight")
+            big = weight is not None and weight.numel() * self.itemsize > CHUNK_BYTES
+            if big and type(module).forward is torch.nn.Linear.forward:
+                module.forward = self._chunked_linear(module, name)
+                continue
+            if big and isinstance(module, torch.nn.Embedding):
+                self.handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self._load_rows(m, n, a[0])))
+            else:
+                self.handles.append(module.register_forward_pre_hook(lambda m, _a, n=name: self._load(m, n)))
             self.handles.append(module.register_forward_hook(lambda m, _a, _o: self._drop(m)))
 
-    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+    def _name(self, module: torch.nn.Module, prefix: str, pname: str) -> str:
+        path = f"{prefix}.{pname}" if prefix else pname
+        if self.init is None and self.spec.tensor_name(path) not in self.source.tensors and path in self.aliases:
+            path = self.aliases[path]
+        full = self.spec.tensor_name(path)
+        if self.init is None and full not in self.source.tensors:
+            raise GrowError(f"the checkpoint has no tensor {full}, which the {type(module).__name__} module needs.")
+        return full
+
+    def _seeded(self, *key) -> torch.Generator:
+        return torch.Generator().manual_seed(zlib.crc32(repr((self.seed, *key)).encode()))
+
+    def _fresh(self, module: torch.nn.Module, prefix: str, *key) -> dict[str, torch.Tensor]:
+        """A module's parameters freshly initialised, the same on every call."""
         for pname, p in module._parameters.items():
-            if p is None:
+            if p is not None:
+                module._parameters[pname] = torch.nn.Parameter(torch.zeros(p.shape), requires_grad=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seeded(prefix, *key).initial_seed())
+            self.init(module)
+        return {k: p.data for k, p in module._parameters.items() if p is not None}
+
+    def _set(self, module: torch.nn.Module, pname: str, t: torch.Tensor) -> None:
+        t = t.to(device=self.device, dtype=self.dtype)
+        module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
+        self._charge(module, t.numel() * t.element_size())
+
+    def _charge(self, module: torch.nn.Module, nbytes: int) -> None:
+        self.charged[id(module)] = self.charged.get(id(module), 0) + nbytes
+        self.live += nbytes
+
+    def _load(self, module: torch.nn.Module, prefix: str) -> None:
+        if self.init is not None:
+            for pname, t in self._fresh(module, prefix).items():
+                self._set(module, pname, t)
+        else:
+            for pname, p in module._parameters.items():
+                if p is not None:
+                    self._set(module, pname, self.source.get(self._name(module, prefix, pname)))
+        self.peak = max(self.peak, self.live)
+
+    def _rows(self, module: torch.nn.Module, prefix: str, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """Rows [start, stop) of a big Linear's or Embedding's weight (and bias)."""
+        if self.init is not None:
+            if isinstance(module, torch.nn.Embedding):
+                proto = torch.nn.Embedding(stop - start, module.embedding_dim, device="meta")
+            else:
+                proto = torch.nn.Linear(module.in_features, stop - start, bias=module.bias is not None, device="meta")
+            return self._fresh(proto, prefix, start)
+        return {pname: self.source.get_rows(self._name(module, prefix, pname), start, stop)
+                for pname, p in module._parameters.items() if p is not None}
+
+    def _row_blocks(self, module: torch.nn.Module):
+        rows = module.weight.shape[0]
+        step = max(CHUNK_ROWS_MIN, CHUNK_BYTES // 4 // max(1, module.weight[0].numel() * self.itemsize))
+        return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+    def _chunked_linear(self, module: torch.nn.Linear, prefix: str):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            outs = []
+            for a, b in self._row_blocks(module):
+                part = {k: t.to(device=self.device, dtype=self.dtype) for k, t in self._rows(module, prefix, a, b).items()}
+                self.peak = max(self.peak, self.live + sum(t.numel() * t.element_size() for t in part.values()))
+                outs.append(torch.nn.functional.linear(x, part["weight"], part.get("bias")))
+            return torch.cat(outs, -1)
+
+        return forward
+
+    def _load_rows(self, module: torch.nn.Embedding, prefix: str, ids: torch.Tensor) -> None:
+        """The weight as an untouched allocation (no memory until written) with only the rows in use filled."""
+        weight = torch.empty(module.weight.shape, dtype=self.dtype, device=self.device)
+        wanted = set(ids.unique().tolist())
+        for a, b in self._row_blocks(module):
+            needed = [i for i in wanted if a <= i < b]
+            if self.init is not None and needed:  # a random block is drawn whole, so it is the same on every call
+                weight[a:b] = self._rows(module, prefix, a, b)["weight"].to(self.dtype)
                 continue
-            full = self.spec.tensor_name(f"{prefix}.{pname}" if prefix else pname)
-            if full not in self.source.tensors:
-                raise GrowError(f"the checkpoint has no tensor {full}, which the {type(module).__name__} module needs.")
-            t = self.source.get(full).to(torch.float32)
-            module._parameters[pname] = torch.nn.Parameter(t, requires_grad=False)
-            self.live += t.numel() * 4
+            for i in needed:
+                weight[i] = self.source.get_rows(self._name(module, prefix, "weight"), i, i + 1)[0].to(self.dtype)
+        module._parameters["weight"] = torch.nn.Parameter(weight, requires_grad=False)
+        self._charge(module, len(wanted) * weight[0].numel() * weight.element_size())
         self.peak = max(self.peak, self.live)
 
     def _drop(self, module: torch.nn.Module) -> None:
         for pname, p in module._parameters.items():
             if p is not None and p.device.type != "meta":
-                self.live -= p.numel() * 4
                 module._parameters[pname] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+        self.live -= self.charged.pop(id(module), 0)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _tie_aliases(model: torch.nn.Module, view: ModelView) -> dict[str, str]:
+    """A tied head's parameter -> the embedding's, where the config ties them."""
+    return dict(getattr(model, "_tied_weights_keys", None) or {}) if view.tied else {}
+
+
+def _unmapped(model: torch.nn.Module, view: ModelView) -> list[str]:
+    """Parameters of the skeleton that no checkpoint tensor (or tied alias) provides."""
+    aliases = _tie_aliases(model, view)
+    names = view.source.tensors
+    return [n for n, _ in model.named_parameters(remove_duplicate=False)
+            if view.spec.tensor_name(n) not in names and view.spec.tensor_name(aliases.get(n, n)) not in names]
+
+
+class _Whole:
+    """The loader's place for a model loaded whole: every parameter is in memory all the time."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.peak = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def remove(self) -> None:
+        pass
+
+
+def _reset(module: torch.nn.Module) -> None:
+    """PyTorch's own initialisation where a module has one; small normal values for bare parameters."""
+    if hasattr(module, "reset_parameters"):
+        module.reset_parameters()
+    else:
+        for p in module._parameters.values():
+            if p is not None:
+                torch.nn.init.normal_(p, std=0.02)
+
+
+class Runner:
+    """A model run layer by layer: its outputs, its hidden state at every layer boundary, its loss.
+
+    random=True runs a freshly initialised model of the view's shape instead of the checkpoint's
+    tensors; `prepare(model)` sees the skeleton before the loader does (to attach MSG masks, whose
+    hooks then run while the module's tensors are loaded). Where the framework's modules hold
+    tensors under other names than the checkpoint's (transformers 5 fuses Mixtral-style experts into
+    one tensor when it loads), `whole()` gives the model loaded whole instead (`layer_by_layer` False)."""
+
+    def __init__(self, view: ModelView, *, random: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device="cpu", prepare=None, on_layer=None, whole=None):
+        self.view = view
+        self.framework = view.spec.framework
+        self.model, self.trunk = skeleton(view)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layer_by_layer = random or whole is None or not _unmapped(self.model, view)
+        if not self.layer_by_layer:
+            self.model = whole().to(device=self.device, dtype=dtype)
+        if prepare is not None:
+            prepare(self.model)
+        init = None
+        if random:
+            init = _reset if self.framework == "timm" else self.model._init_weights
+        self.loader = (Loader(self.model, view, init=init, seed=seed, dtype=dtype, device=device) if self.layer_by_layer
+                       else _Whole(self.model))
+        self.layers = [self.model.get_submodule(view.spec.layer_module(i)) for i in range(view.sizes["layers"])]
+        norms = view.spec.by_role("final_norm")
+        self.final_norm = (self.model.get_submodule(view.spec.module_path(norms[0].pattern.rsplit(".", 1)[0]))
+                           if norms else torch.nn.Identity())
+        self.on_layer = on_layer
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        return x.to(self.dtype) if x.is_floating_point() else x
+
+    def forward(self, inputs: torch.Tensor, keep: slice | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Outputs (logits) in float32 on the CPU, and the hidden state at each layer boundary (the
+        embeddings, then after every layer) at the sequence positions `keep`."""
+        states: list[torch.Tensor] = []
+
+        def save(x):
+            x = _first(x)
+            states.append((x if keep is None else x[:, keep]).float().cpu())
+
+        hooks = [self.layers[0].register_forward_pre_hook(
+            lambda _m, a, k: save(a[0] if a else k["hidden_states"]), with_kwargs=True)]
+        def after_layer(_m, _a, o):
+            save(o)
+            if self.on_layer is not None:
+                self.on_layer()
+
+        hooks += [layer.register_forward_hook(after_layer) for layer in self.layers]
+        try:
+            with torch.no_grad():
+                x = self._inputs(inputs)
+                out = self.model(x) if self.framework == "timm" else self.model(input_ids=x, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        return out.float().cpu(), states
+
+    def lens(self, states: list[torch.Tensor], group: int = 8) -> list[torch.Tensor]:
+        """Each boundary's hidden state read out through the final norm and the head (the logit lens),
+        a few boundaries at a time so the head is read a few times, not once per layer."""
+        out = []
+        with torch.no_grad():
+            for a in range(0, len(states), group):
+                batch = torch.cat(states[a:a + group], 0)
+                h = self.final_norm(self._inputs(batch))
+                y = self.model.forward_head(h) if self.framework == "timm" else self.model.get_output_embeddings()(h)
+                out.extend(y.float().cpu().split(states[0].shape[0], 0))
+        return out
+
+    def loss(self, ids: torch.Tensor) -> float:
+        with torch.no_grad():
+            x = self._inputs(ids)
+            return self.model(input_ids=x, labels=x, use_cache=False).loss.item()
+
+    def close(self) -> None:
+        self.loader.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
@@ -13,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, INDEX_NAME, Source, numel, sha256_file, tensor_nbytes
+from .checkpoint import DTYPES, INDEX_NAME, Source, StreamHasher, numel, tensor_nbytes
 from .writer import BackgroundWriter, ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
@@ -408,12 +409,10 @@ class Plan:
 
 def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, force: bool = False,
             progress: Callable[[str, int, int | None], None] | None = None) -> dict:
-    """Stream the plan into dst: read, build, write and free one tensor at a time."""
+    """Stream the plan into dst: one thread reads (and hashes) the sources of the next tensor while this
+    one is built and the previous one is written by another."""
     dst = Path(dst)
     check_target(source.path, dst, force)
-    hashes: dict[str, str] = {}
-    hasher = threading.Thread(target=lambda: hashes.update(_hash_sources(source, progress)), daemon=True)
-    hasher.start()
     start = time.perf_counter()
     with atomic_folder(dst, force) as tmp:
         written = [0]
@@ -425,22 +424,24 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
 
         writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
                                   on_written)
+        reader = Prefetcher(source, plan.recipes, StreamHasher(_hashed_files(source), progress))
         if progress:
             progress("writing", 0, plan.nbytes)
         try:
             for r in plan.recipes:
-                writer.submit(r.name, materialize(r, source.get))
+                writer.submit(r.name, materialize(r, reader.next().__getitem__))
             files = writer.close()
+            hashes = reader.finish()
         finally:
             writer.stop()
+            reader.stop()
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         for f in source.companion_files():
             shutil.copy2(f, tmp / f.name)
         for name, content in plan.extra_files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
-        hasher.join()
         record = plan.recipe_record(source)
-        record["source"]["files"] = hashes
+        record["source"]["files"] = {str(p.relative_to(source.path)): h for p, h in hashes.items()}
         record["target"]["files"] = files
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(plan, source))
@@ -448,18 +449,64 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
     return {"seconds": time.perf_counter() - start, "files": files, "bytes": plan.nbytes}
 
 
-def _hash_sources(source: Source, progress=None) -> dict[str, str]:
-    """sha256 of every source file, progress("hashing", bytes done, bytes) after each file."""
+def _hashed_files(source: Source) -> list[Path]:
+    """The files whose sha256 grow.json records: the config, the index and every weights file."""
     paths = [source.path / "config.json", *source.files]
     if (source.path / INDEX_NAME).is_file():
         paths.insert(1, source.path / INDEX_NAME)
-    total, done, hashes = sum(p.stat().st_size for p in paths), 0, {}
-    for p in paths:
-        hashes[str(p.relative_to(source.path))] = sha256_file(p)
-        done += p.stat().st_size
-        if progress:
-            progress("hashing", done, total)
-    return hashes
+    return paths
+
+
+class Prefetcher:
+    """Reads the source tensors of each recipe, in plan order, one recipe ahead of the builder, on a
+    thread of its own (file reads and sha256 release the GIL), feeding every read to the hasher."""
+
+    def __init__(self, source: Source, recipes: list[TensorRecipe], hasher: StreamHasher):
+        self.source = source
+        self.hasher = hasher
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=([r.sources for r in recipes],), daemon=True)
+        self._thread.start()
+
+    def _run(self, needs: list[tuple[str, ...]]) -> None:
+        try:
+            for names in needs:
+                if self._stop.is_set():
+                    return
+                tensors = {}
+                for name in names:
+                    t = self.source.get(name)
+                    info = self.source.tensors[name]
+                    self.hasher.feed(info.file, info.offset, t.reshape(-1).view(torch.uint8).numpy())
+                    tensors[name] = t
+                self._put(tensors)
+                del tensors
+        except BaseException as e:  # handed to the builder at its next call
+            self._put(e)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> dict[str, torch.Tensor]:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def finish(self) -> dict[Path, str]:
+        """The hashes of every file, once every recipe has been read (reading what no recipe read)."""
+        self._thread.join()
+        return self.hasher.finish()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 PAST_TENSE = {"expand": "expanded", "shrink": "shrunk", "upcycle": "upcycled"}

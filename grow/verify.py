@@ -6,16 +6,22 @@ import json
 import sysconfig
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from . import DEFAULT_TOL
 from .arch.spec import architecture_name, spec_for
 from .calibrate import TOKENIZER_FILES, masked_lm_inputs
-from .checkpoint import Source, sha256_file
+from .arch.view import ModelView
+from .checkpoint import DTYPES, Source, sha256_file
 from .errors import GrowError
 from .plan import RECIPE_FILE
+from .layerwise import Runner, resolve_device
 from .runtime import MASKS_FILE, load_masks
+
+LENS_POSITIONS = 8  # sequence positions read through the logit lens at every layer boundary
+DTYPE_CHECK_TOKENS = 8  # tokens of the short run in the output's own dtype
 
 
 def load_model(path: Path, framework: str):
@@ -133,8 +139,172 @@ def check_made_from(source: Source, target: Source, recipe: dict) -> None:
                         "saying it was made from the source; grow verify compares a source with what grow made from it.")
 
 
-def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
-    """progress("verifying", steps done, steps) as models are loaded and run."""
+def sample_text_ids(tokenizer_dir: Path, config: dict, vocab: int, max_tokens: int = 1024) -> torch.Tensor | None:
+    """Token ids of a fixed passage of the Python standard library, when a tokenizer is there."""
+    try:
+        import transformers
+
+        tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception:
+        return None
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
+    limit = config.get("max_position_embeddings") or config.get("n_positions") or max_tokens
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit)]
+    if ids.shape[1] < 2 or int(ids.max()) >= vocab:
+        return None
+    return ids
+
+
+def layer_errors(ref: list[torch.Tensor], out: list[torch.Tensor]) -> list[dict]:
+    """Relative error of the target's logit lens after every layer against the source's. Where the depths
+    differ, each target boundary is paired with the source boundary it is closest to."""
+    def rel(a, b):
+        return ((b - a).double().norm() / a.double().norm().clamp_min(1e-30)).item()
+
+    rows = []
+    for j, o in enumerate(out):
+        if len(ref) == len(out):
+            k, err = j, rel(ref[j], o)
+        else:
+            k, err = min(((k, rel(r, o)) for k, r in enumerate(ref)), key=lambda e: e[1])
+        rows.append({"layer": j - 1 if j else None, "source_layer": k - 1 if k else None, "rel_error": err})
+    return rows
+
+
+def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", loss_tokens: int = 1024,
+           progress: Callable[[str, int, int | None], None] | None = None) -> dict:
+    """Run source and target layer by layer (memory bounded by one layer, whatever the model size) on
+    seeded inputs and compare their outputs, their logit lens after every layer, their loss on sample
+    text, and the target run in its own dtype."""
+    dev = resolve_device(device)
+    source, target = Source(src), Source(dst)
+    spec = spec_for(source.config, str(source.path / "config.json"))
+    framework = spec.framework
+    if framework == "transformers" and spec.model_entry(architecture_name(source.config))["auto_class"] != "AutoModelForCausalLM":
+        return _verify_whole(src, dst, tol=tol, seed=seed, progress=progress)
+    sview, tview = _view(source), _view(target)
+    recipe_path = target.path / RECIPE_FILE
+    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
+    check_made_from(source, target, recipe)
+    exact = bool(recipe.get("exact", True))
+    masked = (target.path / MASKS_FILE).is_file()
+    prepare = (lambda m: load_masks(target.path).attach(m)) if masked else None  # MSG: alpha = 0 is the source
+    out_dtype = DTYPES[target.dtype]
+    dtype_check = out_dtype in (torch.bfloat16, torch.float16)
+
+    if framework == "timm":
+        inputs = sample_inputs(source.config, framework, seed)
+        keep, text = None, None
+    else:
+        vocab = min(sview.sizes["vocab"], tview.sizes["vocab"])
+        inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
+        keep = slice(-LENS_POSITIONS, None)
+        text = sample_text_ids(source.path, source.config, vocab, loss_tokens) if loss_tokens else None
+    # progress counts layers run: source, target, (target in its dtype), (random baseline), each with its text
+    passes = [(sview, 1 + (text is not None)), (tview, 1 + (text is not None) + dtype_check)]
+    if not exact:
+        passes.append((tview, 1 + (text is not None)))
+    total = sum(v.sizes["layers"] * n for v, n in passes)
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if progress:
+            progress("verifying", done[0], total)
+
+    if progress:
+        progress("verifying", 0, total)
+    opts = dict(device=dev, on_layer=tick)
+    topts = dict(opts, whole=lambda: load_model(target.path, framework))
+    report: dict = {"source": source.id, "target": str(target.path), "method": recipe.get("method"),
+                    "exact_expected": exact, "tolerance": tol}
+    sopts = dict(opts, whole=lambda: load_model(source.path, framework))
+    ref, ref_states, ref_lens, report["loss_source"], peak_src, _ = _run(sview, inputs, keep, text, **sopts)
+    out, out_states, out_lens, report["loss_target"], peak_tgt, layered = _run(tview, inputs, keep, text, prepare=prepare, **topts)
+    if ref.shape != out.shape:
+        raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
+                        f"{list(ref.shape)} (a different vocabulary or class count); they cannot be compared.")
+    report.update(compare(ref, out))
+    report["layers"] = layer_errors(ref_lens, out_lens)
+    parted = [r for r in report["layers"] if r["rel_error"] > tol]
+    report["first_divergent_layer"] = (parted[0]["layer"] if parted[0]["layer"] is not None else "embeddings") if parted else None
+    report["peak_layer_bytes"] = max(peak_src, peak_tgt)
+    report["layer_by_layer"] = layered
+    if framework == "timm":
+        del report["loss_source"], report["loss_target"]
+    if dtype_check:
+        report["dtype_check"] = _dtype_check(tview, inputs, out, out_dtype, prepare, topts)
+    if not exact:
+        base, _, _, base_loss, _, _ = _run(tview, inputs, None, text, random=True, seed=seed, lens=False, **opts)
+        report["baseline_random_init"] = compare(ref, base)
+        if framework == "transformers":
+            report["baseline_random_init"]["loss"] = base_loss
+        # a lossy method promises a better start than random: closer to the source's predictions
+        report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
+    report["failure"] = _failure(report, target.path, source.id)
+    report["passed"] = report["failure"] is None
+    return report
+
+
+def _failure(report: dict, target: Path, source: str) -> str | None:
+    """One sentence saying why verification failed, or None."""
+    check = report.get("dtype_check")
+    if check and not check["ran"]:
+        return check["error"]
+    if report["exact_expected"] and report["rel_error"] > report["tolerance"]:
+        where = report["first_divergent_layer"]
+        at = f"; they first part {'at the embeddings' if where == 'embeddings' else f'after layer {where}'}" if where is not None else ""
+        return (f"{target} does not reproduce {source}: relative error {report['rel_error']:.3g} exceeds "
+                f"{report['tolerance']:g}{at}.")
+    return None
+
+
+def _view(source: Source) -> ModelView:
+    try:
+        return ModelView(source)
+    except GrowError as e:
+        raise GrowError(f"cannot load {source.path}: {e}") from None
+
+
+def _run(view: ModelView, inputs, keep, text, *, lens: bool = True, **opts):
+    """One model's outputs, logit lens per layer boundary, sample-text loss and peak parameter bytes."""
+    runner = Runner(view, **opts)
+    try:
+        try:
+            out, states = runner.forward(inputs, keep)
+            lensed = runner.lens(states) if lens else []
+            loss = runner.loss(text) if text is not None else None
+        except GrowError:
+            raise
+        except Exception as e:  # the frameworks raise many kinds; all mean the same to the user
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise GrowError(f"{view.spec.framework} cannot run {view.source.path}: {reason}") from None
+        return out, states, lensed, loss, runner.loader.peak, runner.layer_by_layer
+    finally:
+        runner.close()
+
+
+def _dtype_check(view: ModelView, inputs, out32: torch.Tensor, dtype: torch.dtype, prepare, opts) -> dict:
+    """A short run in the output's own dtype: an output that only runs in float32 is a failure."""
+    name = str(dtype).removeprefix("torch.")
+    short = inputs[:1, :DTYPE_CHECK_TOKENS] if inputs.dtype == torch.long else inputs[:1]
+    runner = Runner(view, dtype=dtype, prepare=prepare, **opts)
+    try:
+        out, _ = runner.forward(short)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return {"dtype": name, "ran": False, "error": f"{view.source.path} does not run in {name}: {reason}"}
+    finally:
+        runner.close()
+    if not torch.isfinite(out).all():
+        return {"dtype": name, "ran": False, "error": f"{view.source.path} gives non-finite outputs in {name}."}
+    ref = out32[:1, : out.shape[1]] if inputs.dtype == torch.long else out32[:1]
+    return {"dtype": name, "ran": True, **compare(ref, out)}
+
+
+def _verify_whole(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
+    """Both models loaded whole: for the models that are not causal LMs or timm classifiers (BERT-style
+    encoders), which the layer-by-layer run does not cover yet. progress("verifying", steps done, steps)."""
     source = Source(src)
     target = Source(dst)
     spec = spec_for(source.config, str(source.path / "config.json"))
@@ -195,4 +365,6 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) 
         report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
         step(4)
     report["passed"] = (report["rel_error"] <= tol) if exact else True
+    report["failure"] = None if report["passed"] else (
+        f"{target.path} does not reproduce {source.id}: relative error {report['rel_error']:.3g} exceeds {tol:g}.")
     return report

@@ -1,0 +1,59 @@
+"""The executor hashes the source while it reads it: grow.json's hashes are the files' sha256 whatever
+order the plan reads tensors in (in file order, again and again, or only some of them)."""
+
+import hashlib
+import json
+
+import pytest
+
+import grow
+
+
+def _sha256(folder, names):
+    return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
+
+
+@pytest.mark.parametrize("operation,options", [
+    ("expand", dict(factor=2)),  # every tensor once, in file order
+    ("expand", dict(method="stack", layers=5)),  # layers read again
+    ("shrink", dict(layers=1)),  # a layer never read
+])
+def test_streamed_hashes_are_the_files_sha256(model_dir, tmp_path, operation, options):
+    src, dst = model_dir("llama"), tmp_path / "out"
+    getattr(grow, operation)(src, dst, **options)
+    hashed = json.loads((dst / "grow.json").read_text())["source"]["files"]
+    assert hashed == _sha256(src, ["config.json", "model.safetensors"])
+
+
+def test_streamed_hashes_of_a_sharded_source(model_dir, tmp_path):
+    sharded, dst = tmp_path / "sharded", tmp_path / "out"
+    grow.expand(model_dir("qwen3", True), sharded, factor=2, shard_size="150KB")
+    grow.expand(sharded, dst, method="stack", layers=3)
+    hashed = json.loads((dst / "grow.json").read_text())["source"]["files"]
+    shards = set(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1
+    assert hashed == _sha256(sharded, ["config.json", "model.safetensors.index.json", *shards])
+
+
+def test_progress_has_a_hashing_stage(model_dir, tmp_path):
+    seen = {}
+    grow.expand(model_dir("llama"), tmp_path / "out", factor=2, progress=lambda s, d, t: seen.setdefault(s, []).append((d, t)))
+    done, total = seen["hashing"][-1]
+    assert done == total == sum((model_dir("llama") / n).stat().st_size for n in ("config.json", "model.safetensors"))
+    assert seen["writing"][-1][0] == seen["writing"][-1][1]
+
+
+def test_hashing_never_reads_far_ahead(tmp_path, monkeypatch):
+    """A read far ahead of the hash is let go and caught up later, not read through at once."""
+    from grow.checkpoint import StreamHasher
+
+    data = bytes(range(256)) * 4096  # 1 MiB
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    monkeypatch.setattr(StreamHasher, "GAP", 1024)
+    h = StreamHasher([path])
+    h.feed(path, 900_000, data[900_000:])  # far ahead: nothing read
+    assert h.done == 0
+    h.feed(path, 100, data[100:500_000])  # a small gap (the "header") is read, then hashed in order
+    assert h.done == 500_000
+    assert h.finish()[path] == hashlib.sha256(data).hexdigest()
