@@ -429,7 +429,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             progress("writing", 0, plan.nbytes)
         try:
             for r in plan.recipes:
-                writer.submit(r.name, materialize(r, reader.next().__getitem__))
+                writer.submit(r.name, materialize(r, reader.next()))
             files = writer.close()
             hashes = reader.finish()
         finally:
@@ -493,11 +493,13 @@ class Prefetcher:
             except queue.Full:
                 continue
 
-    def next(self) -> dict[str, torch.Tensor]:
+    def next(self) -> Callable[[str], torch.Tensor]:
+        """The loader of the next recipe: its sources as read ahead; any other tensor it asks for (a norm
+        weight folded into a reader) read then."""
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
-        return item
+        return lambda name: item[name] if name in item else self.source.get(name)
 
     def finish(self) -> dict[Path, str]:
         """The hashes of every file, once every recipe has been read (reading what no recipe read)."""
