@@ -6,46 +6,26 @@ by one module's weights plus the activations. Calibration and verification both 
 
 from __future__ import annotations
 
-import contextlib
 import zlib
 
 import torch
 
+from .arch.built import meta_parameters, timm_skeleton
 from .arch.view import ModelView
 from .errors import GrowError, UsageError
-
-
-@contextlib.contextmanager
-def _meta_parameters():
-    """Build modules with every parameter on the meta device; buffers (RoPE frequencies) stay real."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def skeleton(view: ModelView):
     """The source's model class with meta parameters, and a function running its trunk (no head)."""
     if view.spec.framework == "timm":
-        import timm
-
-        with _meta_parameters():
-            model = timm.create_model(view.config["architecture"], pretrained=False, **view.config.get("model_args", {}))
-        return model.eval(), model.forward_features
+        model = timm_skeleton(view.config, str(view.source.path / "config.json"))
+        return model, model.forward_features
     import transformers
 
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(str(view.source.path))
     auto = getattr(transformers, view.spec.model_entry(view.architecture)["auto_class"])
-    with _meta_parameters():
+    with meta_parameters():
         model = auto.from_config(config, dtype=torch.float32)
     trunk = model.eval().base_model
     return model, lambda ids: trunk(input_ids=ids, use_cache=False).last_hidden_state

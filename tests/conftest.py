@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))  # trained_mod
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tiny_models import ENCODER_KINDS, LANGUAGE_KINDS, save_encoder, save_language_model, save_vit  # noqa: E402
+from tiny_models import ENCODER_KINDS, LANGUAGE_KINDS, TIMM_KINDS, save_encoder, save_language_model, save_timm, save_vit  # noqa: E402
 
 MODEL_KINDS = [(k, False) for k in LANGUAGE_KINDS] + [("llama", True), ("qwen3", True), ("gpt2", True)]
 
@@ -27,6 +27,9 @@ def model_dir(tmp_path_factory):
                 cache[key] = save_vit(path)
             elif kind in ENCODER_KINDS:
                 cache[key] = save_encoder(kind, path)
+            elif kind in TIMM_KINDS:
+                arch, overrides = TIMM_KINDS[kind]
+                cache[key] = save_timm(arch, path, **overrides)
             else:
                 cache[key] = save_language_model(kind, path, tied=tied)
         return cache[key]

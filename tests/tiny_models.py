@@ -136,13 +136,28 @@ def save_encoder(kind: str, path: Path, seed: int = 0, dtype=torch.float32) -> P
     return path
 
 
-def save_vit(path: Path, seed: int = 0, embed_dim: int = 48, num_heads: int = 3, depth: int = 2) -> Path:
+# timm models as users make them: created by name (sizes from the architecture's registered defaults,
+# which save_for_hf leaves out of config.json) with what they override recorded in model_args.
+TIMM_KINDS = {
+    "vit_defaults": ("test_vit", {}),  # 64 wide, 6 blocks, 2 heads, mlp_ratio 3: all defaults
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"depth": 2}),  # distillation token and head
+    "vit_reg": ("test_vit2", {}),  # register token, no class token, average pooling, fc_norm, layer scale
+}
+
+
+def save_timm(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
+    """A timm model created by name at 32 x 32 pixels and 10 classes, saved with save_for_hf."""
     import timm
     from timm.models import save_for_hf
 
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, num_classes=10)
+    model = timm.create_model(arch, pretrained=False, img_size=32, num_classes=10, **overrides)
     _randomise(model, seed)
     save_for_hf(model, str(path), safe_serialization=True)
     return path
+
+
+def save_vit(path: Path, seed: int = 0, embed_dim: int = 48, num_heads: int = 3, depth: int = 2) -> Path:
+    """A ViT whose sizes the user gave to create_model (so model_args records them)."""
+    return save_timm("vit_tiny_patch16_224", path, seed, patch_size=8, embed_dim=embed_dim, depth=depth,
+                     num_heads=num_heads)

@@ -28,6 +28,7 @@ ROLES = {
     "post_norm": "elementwise weight of a norm on a branch's output before it is added to the residual",
     "head": "output head (possibly tied to the embedding)",
     "router": "mixture-of-experts router rows (or a shared expert's gate): read the residual",
+    "layer_scale": "per-channel scale of a branch's output before the residual add (timm's ls1.gamma)",
 }
 # Spaces every spec has; "fixed" marks axes no operator changes, q and kv are heads x head_dim.
 FIXED_SPACE = "fixed"
@@ -57,6 +58,9 @@ class Size(_Strict):
     mirror: list[str] = []  # other config paths that hold the same value
     aliases: list[str] = []  # config paths read when `key` is absent (names that changed over versions)
     ffn: bool = False  # an FFN width besides `ffn` itself (an expert's): operators change it as they change the FFN
+    # attribute path of the model the framework builds from the config (arch/built.py), read when `key` is
+    # absent: the architecture's registered default, which timm leaves out of config.json
+    built: Optional[str] = None
 
 
 class Tensor(_Strict):

@@ -63,6 +63,9 @@ class SizeKey:
     ratio_of: str | None = None  # the config stores size / sizes[ratio_of]
     mirror: tuple[str, ...] = ()  # other config paths that hold the same value
     aliases: tuple[str, ...] = ()  # other config paths read when `key` is absent (names that changed over versions)
+    # attribute path of the model the framework builds from the config (see arch/built.py), read when `key`
+    # is absent: the architecture's registered default, which timm leaves out of config.json
+    built: str | None = None
 
 
 class ArchSpec:
@@ -88,7 +91,7 @@ class ArchSpec:
         self.tie_key: str | None = model.tie.key if model.tie else None
         self.tie_default: bool = bool(model.tie and model.tie.default)
         self.sizes: dict[str, SizeKey] = {
-            k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases))
+            k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases), v.built)
             for k, v in model.sizes.items()
         }
         # the spaces that are FFN widths: ffn, and any other a spec marks (an expert's, a shared expert's)
@@ -183,7 +186,10 @@ class ArchSpec:
         return _eval_default(self.embedding_scale, sizes) / _eval_default(self.embedding_scale, new_sizes)
 
     # ---- sizes and config ------------------------------------------------------------------
-    def read_sizes(self, config: dict) -> dict[str, int]:
+    def read_sizes(self, config: dict, built: dict[str, int] | None = None) -> dict[str, int]:
+        """Every size: from its config key, else from the built model (`built`, see arch/built.py), else
+        from its default expression over the other sizes."""
+        built = built or {}
         sizes: dict[str, int] = {}
         pending = dict(self.sizes)
         for _ in range(len(pending) + 1):
@@ -195,6 +201,8 @@ class ArchSpec:
                     if sk.ratio_of not in sizes:
                         continue
                     value = int(sizes[sk.ratio_of] * value)
+                if value is None:
+                    value = built.get(name)  # the framework's value is the size itself, never a ratio
                 if value is None:
                     if sk.default is None:
                         raise GrowError(f"config.json has no {sk.key}, which a {self.family} model needs.")
@@ -250,7 +258,13 @@ class ArchSpec:
                         f"leave {name} at {implied}."
                     )
                 continue
-            if stored is None and implied == value and not holds_path(config, sk.key):
+            if sk.built:
+                # the framework fills an absent key from the architecture's defaults: record every size
+                # that changed (and every ratio whose base changed), and keep the ones the user gave current
+                related = (name, sk.ratio_of) if sk.ratio_of else (name,)
+                if stored is None and all(old[k] == new[k] for k in related):
+                    continue
+            elif stored is None and implied == value and not holds_path(config, sk.key):
                 # the default still gives the right value: keep the config as terse as it was (a null the
                 # config holds is written out: transformers 4.57's Qwen2-MoE reads head_dim: null as it is)
                 continue

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..checkpoint import Source, TensorInfo
 from ..errors import GrowError
+from .built import built_sizes
 from .spec import ArchSpec, TensorSpec, architecture_name, spec_for
 
 
@@ -30,9 +31,10 @@ class ModelView:
     def __init__(self, source: Source):
         self.source = source
         self.config = source.config
-        spec = spec_for(self.config, str(source.path / "config.json"))
+        where = str(source.path / "config.json")
+        spec = spec_for(self.config, where)
         self.spec: ArchSpec = spec.for_names(source.tensors, architecture_name(self.config))
-        self.sizes = self.spec.read_sizes(self.config)
+        self.sizes = self.spec.read_sizes(self.config, built_sizes(self.spec, self.config, where))
         self.tied = self.spec.tied(self.config)
         self.entries: list[Entry] = []
         for info in sorted(source.tensors.values(), key=lambda t: (t.file, t.offset)):

@@ -52,6 +52,11 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
             f"--hidden {D} is not a multiple of the source's {d}: in a post-LN model ({view.architecture}) the "
             "LayerNorm output is the residual stream and cannot hold the mean of x that extra entries need; "
             f"grow the hidden width by whole multiples, e.g. --hidden {(copies + 1) * d}.")
+    if extra and view.spec.norm == "layer" and any(e.spec.role == "layer_scale" for e in view.entries):
+        lo = f"{copies * d} or " if copies > 1 else ""
+        raise UsageError(f"--hidden {D} is not a multiple of the source's {d}: LEMON fills the extra residual entries "
+                         "with the mean of the others, which the per-channel layer scale of this model does not keep; "
+                         f"use --hidden {lo}{(copies + 1) * d}.")
     share = copies * d / D  # fraction of the residual entries that hold copies of x
 
     sources = {}  # space -> source position of each target position (-1: new)
