@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 from ..errors import GrowError
 
 
 @contextlib.contextmanager
 def meta_parameters():
     """Build modules with every parameter on the meta device; buffers (RoPE frequencies) stay real."""
+    import torch
+
     original = torch.nn.Module.register_parameter
 
     def register(module, name, param):
@@ -31,7 +31,7 @@ def meta_parameters():
         torch.nn.Module.register_parameter = original
 
 
-def timm_skeleton(config: dict, where: str = "config.json") -> torch.nn.Module:
+def timm_skeleton(config: dict, where: str = "config.json"):
     """The timm model that config.json describes (its architecture with model_args), parameters on meta."""
     import timm
 
@@ -46,9 +46,11 @@ def timm_skeleton(config: dict, where: str = "config.json") -> torch.nn.Module:
         raise GrowError(f"timm cannot build {config['architecture']} from the model_args in {where}: {reason}") from None
 
 
-def attribute(model: torch.nn.Module, path: str) -> int | None:
+def attribute(model, path: str) -> int | None:
     """The value at a dotted attribute path of the model (a module list counts its members); None
     where the model has no such attribute."""
+    import torch
+
     node = model
     for part in path.split("."):
         if isinstance(node, (torch.nn.ModuleList, torch.nn.Sequential)) and part.isdigit():
