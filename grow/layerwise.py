@@ -6,6 +6,7 @@ by one module's weights plus the activations. Calibration and verification both 
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import torch
@@ -25,7 +26,9 @@ def skeleton(view: ModelView):
     transformers.logging.set_verbosity_error()
     config = transformers.AutoConfig.from_pretrained(str(view.source.path))
     auto = getattr(transformers, view.spec.model_entry(view.architecture)["auto_class"])
-    with meta_parameters():
+    with meta_parameters(), warnings.catch_warnings():
+        # an empty module (Qwen2-MoE's shared expert when upcycling gave it no units) is initialised as a no-op
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         model = auto.from_config(config, dtype=torch.float32)
     trunk = model.eval().base_model
     return model, lambda ids: trunk(input_ids=ids, use_cache=False).last_hidden_state
