@@ -190,7 +190,14 @@ def _first(x):
 
 def _tie_aliases(model: torch.nn.Module, view: ModelView) -> dict[str, str]:
     """A tied head's parameter -> the embedding's, where the config ties them."""
-    return dict(getattr(model, "_tied_weights_keys", None) or {}) if view.tied else {}
+    if not view.tied:
+        return {}
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):  # transformers 5: head parameter -> embedding parameter
+        return dict(keys)
+    # transformers 4: a list of head parameters, each tied to the input embedding
+    embedding = view.spec.module_path(view.spec.by_role("embedding")[0].name())
+    return {k: embedding for k in keys}
 
 
 def _unmapped(model: torch.nn.Module, view: ModelView) -> list[str]:
