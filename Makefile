@@ -38,7 +38,7 @@ bench: $(VENV)/.installed
 	$(PY) scripts/bench_expand.py
 
 # Models larger than RAM: writes about 40 GB under .cache/bench-big and runs for a long time.
-bench-big: $(STAMP)
+bench-big: $(VENV)/.installed
 	$(PY) scripts/bench_big.py
 
 # Training evidence for every growth path (about 30 minutes on 2 CPU cores): docs/growth_evidence.{png,json,md}

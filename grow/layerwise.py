@@ -189,15 +189,25 @@ def _first(x):
 
 
 def _tie_aliases(model: torch.nn.Module, view: ModelView) -> dict[str, str]:
-    """A tied head's parameter -> the embedding's, where the config ties them."""
-    if not view.tied:
-        return {}
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(keys, dict):  # transformers 5: head parameter -> embedding parameter
-        return dict(keys)
-    # transformers 4: a list of head parameters, each tied to the input embedding
-    embedding = view.spec.module_path(view.spec.by_role("embedding")[0].name())
-    return {k: embedding for k in keys}
+    """A tied parameter -> the name the checkpoint stores it under. Parameters that are one tensor in the
+    model (transformers 4 ties BERT's decoder bias to `cls.predictions.bias` so) are aliases of whichever
+    of their names the checkpoint has; a tied head is also an alias of the embedding where the config ties
+    them, as the model class declares (transformers 5: a mapping; 4: a list of head parameters)."""
+    stored = view.source.tensors
+    aliases: dict[str, str] = {}
+    if view.tied:
+        keys = getattr(model, "_tied_weights_keys", None) or {}
+        if not isinstance(keys, dict):
+            embedding = view.spec.module_path(view.spec.by_role("embedding")[0].name())
+            keys = {k: embedding for k in keys}
+        aliases.update(keys)
+    same: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        same.setdefault(id(p), []).append(name)
+    for names in same.values():
+        held = [n for n in names if view.spec.tensor_name(n) in stored]
+        aliases.update({n: held[0] for n in names if held and n not in held})
+    return aliases
 
 
 def _unmapped(model: torch.nn.Module, view: ModelView) -> list[str]:
@@ -254,10 +264,30 @@ class Runner:
         self.loader = (Loader(self.model, view, init=init, seed=seed, dtype=dtype, device=device) if self.layer_by_layer
                        else _Whole(self.model))
         self.layers = [self.model.get_submodule(view.spec.layer_module(i)) for i in range(view.sizes["layers"])]
-        norms = view.spec.by_role("final_norm")
-        self.final_norm = (self.model.get_submodule(view.spec.module_path(norms[0].pattern.rsplit(".", 1)[0]))
-                           if norms else torch.nn.Identity())
+        self.entry = view.spec.model_entry(view.architecture) if self.framework == "transformers" else {}
+        self.head = self._head()
         self.on_layer = on_layer
+
+    def _head(self):
+        """What maps a layer boundary's hidden state to the model's output (the logit lens): nothing for a
+        bare encoder (its output is the hidden state), the head module a spec names, else the final norm
+        and then the classifier or the output embeddings."""
+        if self.entry.get("output_axis"):
+            return lambda h: h
+        if self.entry.get("head"):
+            return self.model.get_submodule(self.entry["head"])
+        norms = self.view.spec.by_role("final_norm")
+        norm = (self.model.get_submodule(self.view.spec.module_path(norms[0].pattern.rsplit(".", 1)[0]))
+                if norms else torch.nn.Identity())
+        if self.framework == "timm":
+            return lambda h: self.model.forward_head(norm(h))
+        return lambda h: self.model.get_output_embeddings()(norm(h))
+
+    def _call(self, x: torch.Tensor, **kwargs):
+        """The model's output object; a causal LM is told to keep no cache (an encoder takes no such argument)."""
+        if self.entry.get("objective") == "causal_lm":
+            kwargs["use_cache"] = False
+        return self.model(input_ids=x, **kwargs)
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
@@ -283,7 +313,7 @@ class Runner:
         try:
             with torch.no_grad():
                 x = self._inputs(inputs)
-                out = self.model(x) if self.framework == "timm" else self.model(input_ids=x, use_cache=False).logits
+                out = self.model(x) if self.framework == "timm" else getattr(self._call(x), self.entry["output"])
         finally:
             for h in hooks:
                 h.remove()
@@ -295,16 +325,14 @@ class Runner:
         out = []
         with torch.no_grad():
             for a in range(0, len(states), group):
-                batch = torch.cat(states[a:a + group], 0)
-                h = self.final_norm(self._inputs(batch))
-                y = self.model.forward_head(h) if self.framework == "timm" else self.model.get_output_embeddings()(h)
+                y = self.head(self._inputs(torch.cat(states[a:a + group], 0)))
                 out.extend(y.float().cpu().split(states[0].shape[0], 0))
         return out
 
-    def loss(self, ids: torch.Tensor) -> float:
+    def loss(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """The head's own loss (next token, or the masked tokens of a masked LM) on `ids`."""
         with torch.no_grad():
-            x = self._inputs(ids)
-            return self.model(input_ids=x, labels=x, use_cache=False).loss.item()
+            return self._call(self._inputs(ids), labels=labels.to(self.device)).loss.item()
 
     def close(self) -> None:
         self.loader.remove()

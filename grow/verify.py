@@ -56,21 +56,6 @@ def _load(path: Path, framework: str):
     return auto.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def random_model_like(path: Path, framework: str, seed: int):
-    """A freshly initialised model with the target's shape: the baseline a lossy method must beat."""
-    torch.manual_seed(seed)
-    if framework == "timm":
-        import timm
-
-        cfg = json.loads((path / "config.json").read_text())
-        return timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {})).float().eval()
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(str(path))
-    auto = getattr(transformers, model_entry(path)["auto_class"])
-    return auto.from_config(config, dtype=torch.float32).eval()
-
-
 def sample_inputs(config: dict, framework: str, seed: int, batch: int = 2, seq_len: int = 32, vocab: int | None = None):
     gen = torch.Generator().manual_seed(seed)
     if framework == "timm":
@@ -97,34 +82,6 @@ def compare(ref: torch.Tensor, out: torch.Tensor) -> dict:
     }
 
 
-def sample_text_loss(model, tokenizer_dir: Path, max_tokens: int = 1024, objective: str | None = "causal_lm",
-                     reserved_positions: int = 0) -> float | None:
-    """The head's own loss on a fixed passage of the Python standard library, when a tokenizer is there:
-    next-token loss, or for a masked LM the loss on the tokens masked_lm_inputs hides."""
-    if objective is None:
-        return None  # a bare encoder has no head
-    if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
-        return None  # transformers would build an empty tokenizer that maps every word to unknown
-    try:
-        import transformers
-
-        tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    except Exception:
-        return None
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
-    limit = getattr(model.config, "max_position_embeddings", None) or max_tokens  # GPT-2's n_positions too
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit - reserved_positions)]
-    if ids.shape[1] < 2 or int(ids.max()) >= model.get_input_embeddings().num_embeddings:
-        return None
-    labels = ids
-    if objective == "masked_lm":
-        if tok.mask_token_id is None:
-            return None
-        ids, labels = masked_lm_inputs(ids, tok.mask_token_id)
-    with torch.no_grad():
-        return model(ids, labels=labels).loss.item()
-
-
 def check_made_from(source: Source, target: Source, recipe: dict) -> None:
     """Refuse, before any model is loaded, a pair that is not a source and what grow made from it: a
     DST whose grow.json records another source, or two models of different architectures."""
@@ -139,8 +96,14 @@ def check_made_from(source: Source, target: Source, recipe: dict) -> None:
                         "saying it was made from the source; grow verify compares a source with what grow made from it.")
 
 
-def sample_text_ids(tokenizer_dir: Path, config: dict, vocab: int, max_tokens: int = 1024) -> torch.Tensor | None:
-    """Token ids of a fixed passage of the Python standard library, when a tokenizer is there."""
+def sample_text(tokenizer_dir: Path, config: dict, vocab: int, objective: str | None, reserved_positions: int = 0,
+                max_tokens: int = 1024) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Token ids of a fixed passage of the Python standard library and the labels of the head's own loss
+    (the next tokens, or for a masked LM the tokens masked_lm_inputs hides), when a tokenizer is there."""
+    if objective is None:
+        return None  # a bare encoder has no head
+    if not any((Path(tokenizer_dir) / f).is_file() for f in TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer that maps every word to unknown
     try:
         import transformers
 
@@ -149,10 +112,12 @@ def sample_text_ids(tokenizer_dir: Path, config: dict, vocab: int, max_tokens: i
         return None
     text = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text()[:8000]
     limit = config.get("max_position_embeddings") or config.get("n_positions") or max_tokens
-    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit)]
+    ids = tok(text, return_tensors="pt")["input_ids"][:, : min(max_tokens, limit - reserved_positions)]
     if ids.shape[1] < 2 or int(ids.max()) >= vocab:
         return None
-    return ids
+    if objective == "masked_lm":
+        return masked_lm_inputs(ids, tok.mask_token_id) if tok.mask_token_id is not None else None
+    return ids, ids
 
 
 def layer_errors(ref: list[torch.Tensor], out: list[torch.Tensor]) -> list[dict]:
@@ -180,8 +145,7 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", l
     source, target = Source(src), Source(dst)
     spec = spec_for(source.config, str(source.path / "config.json"))
     framework = spec.framework
-    if framework == "transformers" and spec.model_entry(architecture_name(source.config))["auto_class"] != "AutoModelForCausalLM":
-        return _verify_whole(src, dst, tol=tol, seed=seed, progress=progress)
+    entry = spec.model_entry(architecture_name(source.config)) if framework == "transformers" else {}
     sview, tview = _view(source), _view(target)
     recipe_path = target.path / RECIPE_FILE
     recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
@@ -199,7 +163,8 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", l
         vocab = min(sview.sizes["vocab"], tview.sizes["vocab"])
         inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
         keep = slice(-LENS_POSITIONS, None)
-        text = sample_text_ids(source.path, source.config, vocab, loss_tokens) if loss_tokens else None
+        text = (sample_text(source.path, source.config, vocab, entry["objective"], spec.reserved_positions, loss_tokens)
+                if loss_tokens else None)
     # progress counts layers run: source, target, (target in its dtype), (random baseline), each with its text
     passes = [(sview, 1 + (text is not None)), (tview, 1 + (text is not None) + dtype_check)]
     if not exact:
@@ -221,6 +186,11 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", l
     sopts = dict(opts, whole=lambda: load_model(source.path, framework))
     ref, ref_states, ref_lens, report["loss_source"], peak_src, _ = _run(sview, inputs, keep, text, **sopts)
     out, out_states, out_lens, report["loss_target"], peak_tgt, layered = _run(tview, inputs, keep, text, prepare=prepare, **topts)
+    def cut(r, o):  # a bare encoder's output is its hidden state, and so is its lens
+        return _common_width(r, o, entry["output_axis"], target.path, source.id) if entry.get("output_axis") else (r, o)
+
+    ref, out = cut(ref, out)
+    out_lens = [cut(ref_lens[0], o)[1] for o in out_lens]  # (depths may differ: cut each to the source's width)
     if ref.shape != out.shape:
         raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
                         f"{list(ref.shape)} (a different vocabulary or class count); they cannot be compared.")
@@ -233,10 +203,11 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", l
     if framework == "timm":
         del report["loss_source"], report["loss_target"]
     if dtype_check:
-        report["dtype_check"] = _dtype_check(tview, inputs, out, out_dtype, prepare, topts)
+        causal = entry.get("objective") == "causal_lm"
+        report["dtype_check"] = _dtype_check(tview, inputs, out, out_dtype, causal, prepare, topts)
     if not exact:
         base, _, _, base_loss, _, _ = _run(tview, inputs, None, text, random=True, seed=seed, lens=False, **opts)
-        report["baseline_random_init"] = compare(ref, base)
+        report["baseline_random_init"] = compare(*cut(ref, base))
         if framework == "transformers":
             report["baseline_random_init"]["loss"] = base_loss
         # a lossy method promises a better start than random: closer to the source's predictions
@@ -273,7 +244,7 @@ def _run(view: ModelView, inputs, keep, text, *, lens: bool = True, **opts):
         try:
             out, states = runner.forward(inputs, keep)
             lensed = runner.lens(states) if lens else []
-            loss = runner.loss(text) if text is not None else None
+            loss = runner.loss(*text) if text is not None else None
         except GrowError:
             raise
         except Exception as e:  # the frameworks raise many kinds; all mean the same to the user
@@ -284,10 +255,11 @@ def _run(view: ModelView, inputs, keep, text, *, lens: bool = True, **opts):
         runner.close()
 
 
-def _dtype_check(view: ModelView, inputs, out32: torch.Tensor, dtype: torch.dtype, prepare, opts) -> dict:
-    """A short run in the output's own dtype: an output that only runs in float32 is a failure."""
+def _dtype_check(view: ModelView, inputs, out32: torch.Tensor, dtype: torch.dtype, causal: bool, prepare, opts) -> dict:
+    """A short run in the output's own dtype (one input; for a causal LM its first tokens, whose outputs
+    do not depend on the rest): an output that only runs in float32 is a failure."""
     name = str(dtype).removeprefix("torch.")
-    short = inputs[:1, :DTYPE_CHECK_TOKENS] if inputs.dtype == torch.long else inputs[:1]
+    short = inputs[:1, :DTYPE_CHECK_TOKENS] if causal else inputs[:1]
     runner = Runner(view, dtype=dtype, prepare=prepare, **opts)
     try:
         out, _ = runner.forward(short)
@@ -298,73 +270,16 @@ def _dtype_check(view: ModelView, inputs, out32: torch.Tensor, dtype: torch.dtyp
         runner.close()
     if not torch.isfinite(out).all():
         return {"dtype": name, "ran": False, "error": f"{view.source.path} gives non-finite outputs in {name}."}
-    ref = out32[:1, : out.shape[1]] if inputs.dtype == torch.long else out32[:1]
-    return {"dtype": name, "ran": True, **compare(ref, out)}
+    ref = out32[:1, : out.shape[1]] if causal else out32[:1]
+    return {"dtype": name, "ran": True, **compare(ref, out[..., : ref.shape[-1]])}  # a bare encoder's cut width
 
 
-def _verify_whole(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, progress=None) -> dict:
-    """Both models loaded whole: for the models that are not causal LMs or timm classifiers (BERT-style
-    encoders), which the layer-by-layer run does not cover yet. progress("verifying", steps done, steps)."""
-    source = Source(src)
-    target = Source(dst)
-    spec = spec_for(source.config, str(source.path / "config.json"))
-    framework, entry = spec.framework, spec.model_entry(architecture_name(source.config))
-    recipe_path = target.path / RECIPE_FILE
-    recipe = json.loads(recipe_path.read_text()) if recipe_path.is_file() else {}
-    check_made_from(source, target, recipe)
-    exact = bool(recipe.get("exact", True))
-    steps = 3 if exact else 4
-
-    def step(done: int) -> None:
-        if progress:
-            progress("verifying", done, steps)
-
-    step(0)
-    ref_model = load_model(source.path, framework)
-    tgt_model = load_model(target.path, framework)
-    step(1)
-    if (target.path / MASKS_FILE).is_file():
-        load_masks(target.path).attach(tgt_model)  # MSG: the grown model at alpha = 0 is the source
-    if framework == "timm":
-        inputs = sample_inputs(source.config, framework, seed)
-    else:
-        vocab = min(ref_model.get_input_embeddings().num_embeddings, tgt_model.get_input_embeddings().num_embeddings)
-        inputs = sample_inputs(source.config, framework, seed, vocab=vocab)
-    output = entry["output"]
-    ref, out = run(ref_model, inputs, framework, output), run(tgt_model, inputs, framework, output)
-    if entry["output_axis"] and out.shape[:-1] == ref.shape[:-1] and out.shape[-1] > ref.shape[-1]:
-        out = out[..., : ref.shape[-1]]  # a wider width space: every growth keeps the source's entries first
-    if ref.shape != out.shape and entry["output_axis"]:
-        raise GrowError(f"{target.path} is narrower than {source.id} in its {entry['output_axis']} width, and a bare "
-                        f"encoder's output ({output}) has that width, so the two cannot be compared; verify the "
-                        "model with its masked-LM head instead.")
-    step(2)
-    if ref.shape != out.shape:
-        raise GrowError(f"{target.path} gives outputs of shape {list(out.shape)} where {source.id} gives "
-                        f"{list(ref.shape)} (a different vocabulary or class count); they cannot be compared.")
-    report = {
-        "source": source.id,
-        "target": str(target.path),
-        "method": recipe.get("method"),
-        "exact_expected": exact,
-        "tolerance": tol,
-        **compare(ref, out),
-    }
-    if framework == "transformers":
-        loss = {"objective": entry["objective"], "reserved_positions": spec.reserved_positions}
-        report["loss_source"] = sample_text_loss(ref_model, source.path, **loss)
-        report["loss_target"] = sample_text_loss(tgt_model, source.path, **loss)
-    step(3)
-    if not exact:
-        del tgt_model
-        baseline = random_model_like(target.path, framework, seed)
-        report["baseline_random_init"] = compare(ref, run(baseline, inputs, framework, output))
-        if framework == "transformers":
-            report["baseline_random_init"]["loss"] = sample_text_loss(baseline, source.path, **loss)
-        # a lossy method promises a better start than random: closer to the source's predictions
-        report["beats_random_init"] = report["kl"] < report["baseline_random_init"]["kl"]
-        step(4)
-    report["passed"] = (report["rel_error"] <= tol) if exact else True
-    report["failure"] = None if report["passed"] else (
-        f"{target.path} does not reproduce {source.id}: relative error {report['rel_error']:.3g} exceeds {tol:g}.")
-    return report
+def _common_width(ref: torch.Tensor, out: torch.Tensor, axis: str, target: Path, source: str):
+    """A wider target's hidden state cut to the source's width (every growth keeps the source's entries
+    first); a narrower one cannot be compared."""
+    if out.shape[:-1] == ref.shape[:-1] and out.shape[-1] > ref.shape[-1]:
+        return ref, out[..., : ref.shape[-1]]
+    if out.shape[:-1] == ref.shape[:-1] and out.shape[-1] < ref.shape[-1]:
+        raise GrowError(f"{target} is narrower than {source} in its {axis} width, and a bare encoder's output has "
+                        "that width, so the two cannot be compared; verify the model with its masked-LM head instead.")
+    return ref, out

@@ -32,6 +32,9 @@ def test_hypercloning_x2_is_exact(model_dir, tmp_path, kind):
     dst = tmp_path / "x2"
     report = grow.expand(src, dst, method="hypercloning", factor=2, verify=True)["verification"]
     assert report["passed"] and report["rel_error"] <= 1e-5, report
+    # run layer by layer, read through the model's own head (or the hidden state itself) after every layer
+    assert report["layer_by_layer"] and len(report["layers"]) == 1 + grow.inspect(src)["num_hidden_layers"]
+    assert max(r["rel_error"] for r in report["layers"]) <= 1e-5 and report["first_divergent_layer"] is None
     ref, out = outputs(src), outputs(dst)
     if kind == "bert":  # the bare encoder's hidden states are two copies of the source's
         assert out.shape[-1] == 2 * ref.shape[-1]
@@ -44,6 +47,8 @@ def test_hypercloning_x2_is_exact(model_dir, tmp_path, kind):
     grow.expand(src, bf16, method="hypercloning", factor=2, dtype="bfloat16")
     low = outputs(bf16, torch.bfloat16)[..., : ref.shape[-1]].float()
     assert (low - ref).norm() / ref.norm() < 2e-2
+    check = grow.verify(src, bf16)["dtype_check"]  # verify runs it in bfloat16 too
+    assert check["ran"] and check["dtype"] == "bfloat16" and check["rel_error"] < 2e-2, check
 
 
 @pytest.mark.parametrize("kind", ["bert_mlm", "roberta_mlm"])

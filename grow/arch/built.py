@@ -14,14 +14,15 @@ from ..errors import GrowError
 
 @contextlib.contextmanager
 def meta_parameters():
-    """Build modules with every parameter on the meta device; buffers (RoPE frequencies) stay real."""
+    """Build modules with every parameter on the meta device; buffers (RoPE frequencies) stay real. A
+    parameter already on meta is kept as it is, so that a module sharing another's (a tied bias) still does."""
     import torch
 
     original = torch.nn.Module.register_parameter
 
     def register(module, name, param):
         original(module, name, param)
-        if param is not None:
+        if param is not None and param.device.type != "meta":
             module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
 
     torch.nn.Module.register_parameter = register

@@ -82,6 +82,9 @@ class ModelEntry(_Strict):
     output_axis: Optional[str] = None  # the space of the output's last axis when it is a width (a bare encoder's hidden)
     objective: Optional[Literal["causal_lm", "masked_lm"]] = "causal_lm"  # the head's loss; none for a bare encoder
     base_model: bool = False  # the architecture is the base model: its module paths lack the optional prefix too
+    # the module mapping the last hidden state to the output, when it is more than the final norm and the output
+    # embeddings (a masked-LM head's own transform): verify's logit lens reads every layer boundary through it
+    head: Optional[str] = None
 
 
 class MoeKeys(_Strict):
