@@ -54,7 +54,8 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
 
         options["importance"] = calibrate.importance(
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
-            scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device)
+            scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device,
+            layer_loss=options.get("layer_removal") == "loss" and options.get("layers") is not None)
     return builder(view, **options)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .arch.view import ModelView
 from .errors import GrowError, GrowWarning, UsageError
-from .layerwise import Loader, _first, resolve_device, skeleton
+from .layerwise import Loader, Runner, _first, resolve_device, skeleton
 
 DEFAULT_TOKENS = 8192
 MAX_SEQ_LEN = 512
@@ -44,6 +44,9 @@ class Importance:
     # second moment of the residual stream as the norms see it (scale removed); its eigenvectors are the
     # residual directions that carry the most of what the readers read
     covariance: torch.Tensor | None = None
+    # per layer, the KL divergence of the output from the source's when that layer alone is skipped
+    # (measured only when asked: it runs the model once more per layer)
+    skip_loss: torch.Tensor | None = None
 
     def head_scores(self, layer: int, head_dim: int) -> torch.Tensor:
         q = self.units[(layer, "q")]
@@ -179,6 +182,51 @@ class _Covariance:
         return self.sum / max(self.count, 1)
 
 
+SKIP_OUTPUT_BYTES = 1 << 27  # the outputs of one pass over a chunk of the calibration batch
+
+
+def skip_losses(view: ModelView, inputs: torch.Tensor, progress=None, device="cpu") -> torch.Tensor:
+    """Per layer, the mean KL divergence (nats per token or image) of the model's output distribution
+    from the source's when that one layer is skipped (its output replaced by its input). The model
+    runs module by module as in calibration, once for the reference and once per layer, over chunks
+    of the batch small enough that two outputs stay within SKIP_OUTPUT_BYTES: bounded memory,
+    (layers + 1) passes of compute. progress("layer losses", passes done, passes)."""
+    entry = view.spec.model_entry(view.architecture)
+    if view.spec.framework != "timm" and entry.get("output", "logits") != "logits":
+        raise UsageError(f"--layer-removal loss needs an output head, and a {view.architecture} checkpoint has none; "
+                         "use --layer-removal influence.")
+    runner = Runner(view, device=resolve_device(device))
+    nothing = slice(0, 0)  # no hidden states kept
+    total = torch.zeros(len(runner.layers), dtype=torch.float64)
+    count = 0
+    try:
+        first = runner.forward(inputs[:1], keep=nothing)[0]
+        per_chunk = max(1, SKIP_OUTPUT_BYTES // (2 * first.numel() * 4))
+        chunks = inputs.split(per_chunk)
+        passes = len(chunks) * (len(runner.layers) + 1)
+        for c, chunk in enumerate(chunks):
+            ref = torch.log_softmax(runner.forward(chunk, keep=nothing)[0].double(), -1)
+            for i, layer in enumerate(runner.layers):
+                hook = layer.register_forward_hook(_pass_input_through, with_kwargs=True)
+                try:
+                    out = torch.log_softmax(runner.forward(chunk, keep=nothing)[0].double(), -1)
+                finally:
+                    hook.remove()
+                total[i] += (ref.exp() * (ref - out)).sum()
+                if progress:
+                    progress("layer losses", c * (len(runner.layers) + 1) + i + 2, passes)
+            count += ref[..., 0].numel()
+    finally:
+        runner.close()
+    return (total / max(count, 1)).to(torch.float32)
+
+
+def _pass_input_through(_module, args, kwargs, output):
+    """A forward hook that makes a block the identity: its output is its input."""
+    x = _hidden_states(args, kwargs)
+    return (x, *output[1:]) if isinstance(output, (tuple, list)) else x
+
+
 # ---- calibration inputs ------------------------------------------------------------------------
 
 def _text_files(calibration) -> list[Path]:
@@ -281,11 +329,10 @@ def image_batch(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS,
     return torch.stack(images), f"{len(images)} images from {calibration}", []
 
 
-def compute(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0, progress=None,
-            device="cpu") -> Importance:
+def calibration_inputs(view: ModelView, calibration=None, tokens: int = DEFAULT_TOKENS, seed: int = 0):
+    """(inputs, description, notes): token ids for language models, images for timm."""
     make = image_batch if view.spec.framework == "timm" else token_batch
-    inputs, description, notes = make(view, calibration, tokens, seed)
-    return collect(view, inputs, description, notes, progress, device)
+    return make(view, calibration, tokens, seed)
 
 
 # ---- score files ------------------------------------------------------------------------------
@@ -295,6 +342,8 @@ def save(path: Path, imp: Importance, view: ModelView) -> None:
 
     tensors = {"hidden": imp.hidden.contiguous(), "influence": imp.influence.contiguous(),
                "covariance": imp.covariance.contiguous()}
+    if imp.skip_loss is not None:
+        tensors["skip_loss"] = imp.skip_loss.contiguous()
     tensors.update({f"layers.{i}.{space}": t.contiguous() for (i, space), t in imp.units.items()})
     meta = {"source": view.source.id, "tokens": str(imp.tokens), "inputs": imp.inputs, "notes": json.dumps(imp.notes)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -315,6 +364,8 @@ def load(path: Path, view: ModelView) -> Importance:
     d = view.sizes["hidden"]
     expected = {"hidden": (d,), "influence": (view.sizes["layers"],), "covariance": (d, d)}
     expected.update({f"layers.{i}.{s}": (view.spec.space_size(s, view.sizes),) for i, s in _unit_readers(view)})
+    if "skip_loss" in tensors:  # measured only where layers were removed by loss
+        expected["skip_loss"] = (view.sizes["layers"],)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     if shapes != expected:
         raise UsageError(f"--scores {path} was computed for a model of another shape than {view.source.id}, "
@@ -326,16 +377,22 @@ def load(path: Path, view: ModelView) -> Importance:
             units[(int(i), space)] = t
     return Importance(tensors["hidden"], units, int(meta.get("tokens", 0)), meta.get("inputs", "?"),
                       notes=json.loads(meta.get("notes", "[]")), influence=tensors["influence"],
-                      covariance=tensors["covariance"])
+                      covariance=tensors["covariance"], skip_loss=tensors.get("skip_loss"))
 
 
 def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0,
-               progress=None, device="cpu") -> Importance:
-    """Scores from `scores` when that file exists, else computed on the calibration data (and saved there)."""
+               progress=None, device="cpu", layer_loss: bool = False) -> Importance:
+    """Scores from `scores` when that file exists, else computed on the calibration data (and saved there);
+    layer_loss also measures each layer's skip loss (added to the file when it lacks them)."""
     path = Path(scores).expanduser() if scores is not None else None
-    if path is not None and path.is_file():
-        return load(path, view)
-    imp = compute(view, calibration, tokens, seed, progress, device)
+    imp = load(path, view) if path is not None and path.is_file() else None
+    if imp is not None and (imp.skip_loss is not None or not layer_loss):
+        return imp
+    inputs, description, notes = calibration_inputs(view, calibration, tokens, seed)
+    if imp is None:
+        imp = collect(view, inputs, description, notes, progress, device)
+    if layer_loss:
+        imp.skip_loss = skip_losses(view, inputs, progress, device)
     if path is not None:
         save(path, imp, view)
     return imp

@@ -301,7 +301,8 @@ def shrink(
     scores: Annotated[Optional[str], _text("subclone: importance scores file, reused if it exists, else written.",
                                            "FILE")] = None,
     layer_removal: Annotated[Optional[str], _text("subclone: influence (default: the layers that change the residual "
-                                                  "least) or middle.", "HOW")] = None,
+                                                  "least), loss (those whose skipping changes the output least, "
+                                                  "one more pass per layer) or middle.", "HOW")] = None,
     residual: Annotated[Optional[str], _text("subclone: pca (default for RMSNorm models: rotate the residual onto its "
                                              "principal directions, then cut) or activation (keep the most active dims).",
                                              "HOW")] = None,

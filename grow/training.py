@@ -1,5 +1,6 @@
-"""Small language models trained on the Python standard library: the text, a BPE tokenizer, the
-AdamW warmup + cosine schedule and held-out loss that the training-evidence scripts and tests share.
+"""Small models trained for the evidence: the Python standard library as text, a BPE tokenizer, the
+AdamW warmup + cosine schedule, and the loss of each objective a spec names (next-token, masked-LM,
+image classes), shared by the training-evidence scripts and tests.
 Not used by growing itself; `tokenizers` is imported only when a tokenizer is trained."""
 
 from __future__ import annotations
@@ -44,18 +45,22 @@ def read_texts(files) -> list[str]:
     return [Path(p).read_text(encoding="utf-8", errors="replace") for p in files]
 
 
-def train_tokenizer(folder: Path, files, vocab: int):
-    """A byte-level BPE tokenizer trained with the tokenizers library, saved so AutoTokenizer loads it."""
+def train_tokenizer(folder: Path, files, vocab: int, masked_lm: bool = False):
+    """A byte-level BPE tokenizer trained with the tokenizers library, saved so AutoTokenizer loads it;
+    masked_lm adds the mask and padding tokens an encoder trains with."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+    specials = dict(eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if masked_lm:
+        specials.update(pad_token="<pad>", mask_token="<mask>")  # padding id 1, as RoBERTa has it
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(dict.fromkeys(specials.values())),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(read_texts(files), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
     fast.save_pretrained(str(folder))
     return fast
 
@@ -86,9 +91,23 @@ def adamw(model, lr: float, steps: int, warmup: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup))
 
 
-def step(model, opt, sched, ids: torch.Tensor) -> float:
-    """One training step on a batch of token ids (next-token loss, gradients clipped to norm 1)."""
-    loss = model(ids, labels=ids).loss
+def objective_loss(model, batch, objective: str = "causal_lm") -> torch.Tensor:
+    """The loss a model trains on: `causal_lm` (batch: token ids, next-token loss), `masked_lm`
+    (batch: masked inputs and labels, -100 where nothing is masked) or `classes` (batch: images and
+    class ids, for a classifier that returns logits)."""
+    if objective == "causal_lm":
+        return model(batch, labels=batch).loss
+    inputs, labels = batch
+    if objective == "masked_lm":
+        return model(input_ids=inputs, labels=labels).loss
+    if objective == "classes":
+        return torch.nn.functional.cross_entropy(model(inputs), labels)
+    raise ValueError(f"no loss for the objective {objective!r}")
+
+
+def step(model, opt, sched, batch, objective: str = "causal_lm") -> float:
+    """One training step on a batch (see objective_loss), gradients clipped to norm 1."""
+    loss = objective_loss(model, batch, objective)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -97,14 +116,17 @@ def step(model, opt, sched, ids: torch.Tensor) -> float:
     return loss.item()
 
 
-def loss(model, windows: torch.Tensor, batch: int = 32) -> float:
-    """Mean next-token loss (nats per token) over the windows."""
+def loss(model, windows, batch: int = 32, objective: str = "causal_lm") -> float:
+    """Mean loss over held-out examples (nats per token for language models), `batch` at a time:
+    `windows` is token ids [n, seq], or for the other objectives a pair of tensors with n rows each."""
     was_training = model.training
     model.eval()
+    pair = isinstance(windows, (tuple, list))
+    n = len(windows[0]) if pair else len(windows)
     total = 0.0
     with torch.no_grad():
-        for a in range(0, len(windows), batch):
-            part = windows[a:a + batch]
-            total += model(part, labels=part).loss.item() * len(part)
+        for a in range(0, n, batch):
+            part = tuple(w[a:a + batch] for w in windows) if pair else windows[a:a + batch]
+            total += objective_loss(model, part, objective).item() * min(batch, n - a)
     model.train(was_training)
-    return total / len(windows)
+    return total / n

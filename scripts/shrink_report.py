@@ -8,9 +8,13 @@ then
    any training next to the source's;
 2. trains the default subclone, the weight selection and a random init of the same shape for the same
    steps on the same batches, and prints held-out losses.
-Runs on CPU; `--quick` uses the test-sized model.
+Runs on CPU; `--quick` uses the test-sized model. `--all-families` instead trains a small model of
+every architecture grow shrinks (scripts/trained_models.py FAMILIES), shrinks each with every method
+its spec allows, trains the shrunk models and a random init of the same config alike, and prints
+the held-out losses.
 
     python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick] [--skip-training|--skip-perplexity]
+    python scripts/shrink_report.py --all-families [--finetune-steps N]
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import grow
 BEFORE = dict(residual="activation", layer_removal="middle")
 DEFAULT = dict(residual="pca", layer_removal="influence")
 SUBCLONE_OPTIONS = [BEFORE, dict(residual="pca", layer_removal="middle"),
-                    dict(residual="activation", layer_removal="influence"), DEFAULT]
+                    dict(residual="activation", layer_removal="influence"), DEFAULT,
+                    dict(residual="pca", layer_removal="loss")]
 
 
 def cuts(setup: T.Setup) -> list[tuple[str, dict]]:
@@ -65,7 +70,7 @@ def shrink(src: Path, dst: Path, scores: Path, method: str, **options):
     return transformers.AutoModelForCausalLM.from_pretrained(str(dst))
 
 
-def perplexity_table(src: Path, work: Path, setup: T.Setup, held_out: torch.Tensor, source_ppl: float) -> None:
+def perplexity_table(src: Path, work: Path, setup: T.Setup, task: T.Task, source_ppl: float) -> None:
     scores = work / "scores.safetensors"
     print(f"| `grow shrink` | perplexity | x source |\n|---|---:|---:|\n| source | {source_ppl:.2f} | 1.0 |")
     for cut_label, cut in cuts(setup):
@@ -81,11 +86,11 @@ def perplexity_table(src: Path, work: Path, setup: T.Setup, held_out: torch.Tens
             rows.append((f"subclone {cut_label} {' '.join(flags)} ({', '.join(marks) or 'option'})", "subclone", opts))
         for label, method, opts in rows:
             model = shrink(src, work / "cut", scores, method, **cut, **opts)
-            ppl = math.exp(T.loss(model, held_out))
+            ppl = math.exp(T.loss(model, task))
             print(f"| {label.replace('  ', ' ')} | {ppl:.2f} | {ppl / source_ppl:.2f} |", flush=True)
 
 
-def training_table(src: Path, work: Path, setup: T.Setup, held_out, stream, steps: int, source_loss: float) -> None:
+def training_table(src: Path, work: Path, setup: T.Setup, task: T.Task, steps: int, source_loss: float) -> None:
     import transformers
 
     shape = dict(hidden=setup.hidden // 2, ffn=setup.ffn // 2, heads=setup.heads // 2,
@@ -93,14 +98,14 @@ def training_table(src: Path, work: Path, setup: T.Setup, held_out, stream, step
     rows = []
     for method in ("select", "subclone"):
         model = shrink(src, work / method, work / "scores.safetensors", method, **shape)
-        before = T.loss(model, held_out)
-        T.train(model, stream, setup, steps, seed=1)
-        rows.append((f"{method} (default options)", model.num_parameters(), before, T.loss(model, held_out)))
+        before = T.loss(model, task)
+        T.train(model, task, setup, steps, seed=1)
+        rows.append((f"{method} (default options)", model.num_parameters(), before, T.loss(model, task)))
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(work / "subclone")))
-    before = T.loss(model, held_out)
-    T.train(model, stream, setup, steps, seed=1)
-    rows.append(("random init", model.num_parameters(), before, T.loss(model, held_out)))
+    before = T.loss(model, task)
+    T.train(model, task, setup, steps, seed=1)
+    rows.append(("random init", model.num_parameters(), before, T.loss(model, task)))
     print(f"\nShrunk to {shape}; each shrunk model and a random init of the same shape trained {steps} more steps "
           "on the same batches. Held-out loss (nats/token):\n")
     print(f"| model | parameters | held-out loss, step 0 | after {steps} steps |")
@@ -110,18 +115,46 @@ def training_table(src: Path, work: Path, setup: T.Setup, held_out, stream, step
         print(f"| {name} | {params:,} | {before:.3f} | {after:.3f} |")
 
 
+def family_table(work: Path, steps: int) -> None:
+    """Every family: the source's held-out loss, and each shrunk model's and the random init's at step 0
+    and after `steps` steps."""
+    setup = T.FAMILY
+    data = T.family_data(work / "data", setup)
+    print(f"Every family at hidden {setup.hidden}, {setup.heads} heads / {setup.kv_heads} kv, FFN {setup.ffn}, "
+          f"{setup.layers} layers, trained {setup.steps} steps; shrunk to {dict(T.FAMILIES['llama'].shrink)} "
+          f"(head width kept; MoE: --experts 2 and no --ffn), then {steps} steps for each shrunk model and a "
+          "random init of its config on the same batches. Held-out loss (nats per token; per image for ViT):\n")
+    print(f"| family | objective | source | select: step 0 -> {steps} | subclone: step 0 -> {steps} "
+          f"| random init: step 0 -> {steps} |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, family in T.FAMILIES.items():
+        folder = work / name
+        src = T.build_trained_family(folder / "source", name, data, setup)
+        losses = T.shrink_and_train(src, folder, name, data, setup, steps)
+        cells = [f"{losses[m][0]:.3f} -> {losses[m][1]:.3f}" if m in losses else "not offered"
+                 for m in ("select", "subclone", "random")]
+        print(f"| {name} | {family.objective} | {losses['source']:.3f} | {' | '.join(cells)} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path(".cache/shrink_report"),
                     help="folder for the models (the trained source is kept and reused)")
-    ap.add_argument("--finetune-steps", type=int, default=200)
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default: 200 (100 with --all-families)")
     ap.add_argument("--quick", action="store_true", help="the test-sized model instead of the report-sized one")
     ap.add_argument("--skip-training", action="store_true", help="print the perplexity table only")
     ap.add_argument("--skip-perplexity", action="store_true", help="print the training table only")
+    ap.add_argument("--all-families", action="store_true",
+                    help="the training claim on a small model of every family (the --finetune-steps default: 100)")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.all_families:
+        start = time.time()
+        family_table(args.work / "families", 100 if args.finetune_steps is None else args.finetune_steps)
+        print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
+        return
     setup = T.TEST if args.quick else T.REPORT
     work = args.work / ("quick" if args.quick else "report")
     src = work / "source"
@@ -131,16 +164,17 @@ def main() -> None:
         T.build_trained(src, setup)
     (work / "scores.safetensors").unlink(missing_ok=True)  # calibrate on this run's code
     tok = transformers.AutoTokenizer.from_pretrained(str(src))
-    held_out = T.held_out(tok, setup)
-    source_loss = T.loss(transformers.AutoModelForCausalLM.from_pretrained(str(src)), held_out)
+    task = T.language_task(src, setup)
+    held_out = task.held_out
+    source_loss = T.loss(transformers.AutoModelForCausalLM.from_pretrained(str(src)), task)
     print(f"Llama (hidden {setup.hidden}, ffn {setup.ffn}, {setup.heads} heads / {setup.kv_heads} kv, {setup.layers} "
           f"layers) trained {setup.steps} steps on the Python standard library ({len(tok)}-token BPE). Held-out "
           f"text: {held_out.numel()} tokens of standard-library files no model was trained on; calibration: "
           "the default (8192 tokens of the standard library). Perplexity before any training:\n")
     if not args.skip_perplexity:
-        perplexity_table(src, work, setup, held_out, math.exp(source_loss))
+        perplexity_table(src, work, setup, task, math.exp(source_loss))
     if not args.skip_training:
-        training_table(src, work, setup, held_out, T.training_stream(src, setup), args.finetune_steps, source_loss)
+        training_table(src, work, setup, task, args.finetune_steps or 200, source_loss)
     print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
 
 

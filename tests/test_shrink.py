@@ -186,10 +186,11 @@ def test_layer_selection_and_per_layer_config(tmp_path):
         assert model.config.layer_types == out["layer_types"]
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "vit"])
 def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, tmp_path, kind):
-    """A block whose residual writers are zero passes its input through: block influence 0, so it is the
-    layer removed (position would have removed another), and the shrunk model computes what the source does."""
+    """A block whose residual writers are zero passes its input through: block influence 0 and skip loss
+    0, so it is the layer removed by either (position would have removed another), and the shrunk model
+    computes what the source does."""
     src = model_dir(kind)
     view = ModelView(Source(src))
     inert = tmp_path / "inert"
@@ -199,15 +200,33 @@ def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, t
         if e.spec.writes_residual:
             tensors[e.name].zero_()
     save_file(tensors, str(inert / "model.safetensors"), metadata={"format": "pt"})
-    imp = _quiet(calibrate.importance, ModelView(Source(inert)), tokens=256)
+    imp = _quiet(calibrate.importance, ModelView(Source(inert)), tokens=256, layer_loss=True)
     assert imp.influence[1] == pytest.approx(0.0, abs=1e-12) and imp.influence[0] > 1e-3
-    dst = tmp_path / "out"
-    result = _quiet(grow.shrink, inert, dst, method="subclone", layers=1, calibration_tokens=256)
-    assert any("layers [0] of 2 kept (the least influential removed: 1: " in n for n in result["plan"]["notes"])
-    framework = "transformers"
+    assert imp.skip_loss[1] == pytest.approx(0.0, abs=1e-9) and imp.skip_loss[0] > 1e-4
+    framework = "timm" if kind == "vit" else "transformers"
     x = sample_inputs(json.loads((inert / "config.json").read_text()), framework, 0, vocab=100)
-    r = compare(run(load_model(inert, framework), x, framework), run(load_model(dst, framework), x, framework))
-    assert r["rel_error"] < 1e-5, r
+    for removal, why in (("influence", "the least influential removed: 1: "),
+                         ("loss", "those whose skipping costs least removed, KL: 1: ")):
+        dst = tmp_path / removal
+        result = _quiet(grow.shrink, inert, dst, method="subclone", layers=1, calibration_tokens=256,
+                        layer_removal=removal)
+        assert any(f"layers [0] of 2 kept ({why}" in n for n in result["plan"]["notes"]), result["plan"]["notes"]
+        r = compare(run(load_model(inert, framework), x, framework), run(load_model(dst, framework), x, framework))
+        assert r["rel_error"] < 1e-5, r
+
+
+def test_layer_loss_scores_are_added_to_a_scores_file(model_dir, tmp_path):
+    """A scores file written without skip losses gets them when --layer-removal loss needs them; a bare
+    encoder, whose output is no distribution, is refused."""
+    src, scores = model_dir("qwen2"), tmp_path / "s.safetensors"
+    _quiet(grow.shrink, src, tmp_path / "a", method="subclone", layers=1, calibration_tokens=256, scores=scores)
+    assert calibrate.load(scores, ModelView(Source(src))).skip_loss is None
+    _quiet(grow.shrink, src, tmp_path / "b", method="subclone", layers=1, calibration_tokens=256, scores=scores,
+           layer_removal="loss")
+    assert calibrate.load(scores, ModelView(Source(src))).skip_loss.shape == (2,)
+    with pytest.raises(grow.UsageError, match="--layer-removal loss needs an output head, and a BertModel"):
+        _quiet(grow.shrink, model_dir("bert"), tmp_path / "c", method="subclone", layers=1, calibration_tokens=256,
+               layer_removal="loss")
 
 
 def _residual_in_subspace(src, dst, k: int):
@@ -432,9 +451,8 @@ def test_shrunk_models_train_better_than_random_init(trained_dir, tmp_path):
     import transformers
     import trained_models as T
 
-    tok = transformers.AutoTokenizer.from_pretrained(str(trained_dir))
-    held_out, stream = T.held_out(tok, T.TEST), T.training_stream(trained_dir, T.TEST)
-    source_loss = T.loss(load_model(trained_dir, "transformers"), held_out)
+    task = T.language_task(trained_dir, T.TEST)
+    source_loss = T.loss(load_model(trained_dir, "transformers"), task)
     finals, starts = {}, {}
     for method in ("select", "subclone"):
         dst = tmp_path / method
@@ -448,14 +466,14 @@ def test_shrunk_models_train_better_than_random_init(trained_dir, tmp_path):
         assert report["loss_source"] < report["loss_target"] < report["baseline_random_init"]["loss"]
         assert report["kl"] < report["baseline_random_init"]["kl"] and report["beats_random_init"] is True
         model = load_model(dst, "transformers")
-        starts[method] = T.loss(model, held_out)
-        T.train(model, stream, T.TEST, FINETUNE_STEPS, seed=1)
-        finals[method] = T.loss(model, held_out)
+        starts[method] = T.loss(model, task)
+        T.train(model, task, T.TEST, FINETUNE_STEPS, seed=1)
+        finals[method] = T.loss(model, task)
     torch.manual_seed(1)
     random_init = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(str(dst)))
-    starts["random"] = T.loss(random_init, held_out)
-    T.train(random_init, stream, T.TEST, FINETUNE_STEPS, seed=1)
-    finals["random"] = T.loss(random_init, held_out)
+    starts["random"] = T.loss(random_init, task)
+    T.train(random_init, task, T.TEST, FINETUNE_STEPS, seed=1)
+    finals["random"] = T.loss(random_init, task)
     print(f"\nsource {source_loss:.3f}; step 0: {starts}; after {FINETUNE_STEPS} steps: {finals}")
     assert source_loss < finals["random"] - 0.5  # the source learned something worth keeping
     for method in ("select", "subclone"):

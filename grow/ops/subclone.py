@@ -3,8 +3,8 @@
 Importance is the mean |activation| measured by grow.calibrate, one layer at a time: one global
 ranking of the residual dims (the residual stream is shared by every layer), and per-layer rankings
 of FFN units and heads (a kv group scores the sum of its query heads). Whole layers are removed by
-block influence (those whose output is closest to their input, as ShortGPT) or, with
-layer_removal="middle", from the middle of the stack. Each Linear whose input width shrank from D to d is multiplied by
+block influence (those whose output is closest to their input, as ShortGPT), by skip loss (those
+whose skipping moves the output least, measured), or, with layer_removal="middle", from the middle. Each Linear whose input width shrank from D to d is multiplied by
 sqrt(D/d), which keeps the scale of its output roughly where the source had it."""
 
 from __future__ import annotations
@@ -26,17 +26,20 @@ def middle_removed(n: int, k: int) -> list[int]:
     return list(range(first)) + list(range(n - (k - first), n))
 
 
-LAYER_REMOVAL = ("influence", "middle")
+LAYER_REMOVAL = ("influence", "loss", "middle")
 RESIDUAL = ("pca", "activation")
 
 
 def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[int]:
-    """The source layers kept: the `keep` of highest block influence, or all but a middle run."""
-    if how == "middle":
+    """The source layers kept: the `keep` of highest block influence or skip loss, or all but a middle run."""
+    if how not in LAYER_REMOVAL:
+        raise UsageError(f"--layer-removal {how} is not one of {', '.join(LAYER_REMOVAL)}.")
+    if how == "middle" or keep == n:
         return middle_removed(n, keep)
-    if how == "influence":
-        return top(imp.influence, keep).tolist()
-    raise UsageError(f"--layer-removal {how} is not one of {', '.join(LAYER_REMOVAL)}.")
+    if how == "loss" and imp.skip_loss is None:
+        raise UsageError("--layer-removal loss needs each layer's skip loss, which these scores lack; "
+                         "measure them with grow.calibrate.importance(..., layer_loss=True).")
+    return top(imp.influence if how == "influence" else imp.skip_loss, keep).tolist()
 
 
 def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
@@ -77,9 +80,11 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
         return math.sqrt(before / after) if before and after and before != after else 1.0
 
     if t["layers"] != s["layers"]:
-        why = ("removed from the middle" if layer_removal == "middle" else
-               "the least influential removed: " + ", ".join(f"{i}: {float(imp.influence[i]):.3g}"
-                                                            for i in range(s["layers"]) if i not in layer_src))
+        measure = {"influence": ("the least influential removed", imp.influence),
+                   "loss": ("those whose skipping costs least removed, KL", imp.skip_loss)}.get(layer_removal)
+        why = ("removed from the middle" if measure is None else
+               measure[0] + ": " + ", ".join(f"{i}: {float(measure[1][i]):.3g}"
+                                            for i in range(s["layers"]) if i not in layer_src))
         notes.append(f"layers {layer_src} of {s['layers']} kept ({why})")
     plan = build_plan(
         view, t, method="subclone", layer_src=layer_src, layer_maps=layer_maps, global_maps=global_maps,
