@@ -64,6 +64,7 @@ class Loader:
         self.dtype, self.device = dtype, torch.device(device)
         self.itemsize = torch.empty((), dtype=dtype).element_size()
         self.aliases = _tie_aliases(model, view)
+        self.stored_as = _stored_as(model, view) if init is None else {}
         self.live = 0
         self.peak = 0
         self.charged: dict[int, int] = {}  # bytes each loaded module holds
@@ -127,8 +128,10 @@ class Loader:
                 self._set(module, pname, t)
         else:
             for pname, p in module._parameters.items():
-                if p is not None:
-                    self._set(module, pname, self.source.get(self._name(module, prefix, pname)))
+                if p is None:
+                    continue
+                build = self.stored_as.get(f"{prefix}.{pname}")
+                self._set(module, pname, build(self.source.get) if build else self.source.get(self._name(module, prefix, pname)))
         self.peak = max(self.peak, self.live)
 
     def _rows(self, module: torch.nn.Module, prefix: str, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -210,12 +213,39 @@ def _tie_aliases(model: torch.nn.Module, view: ModelView) -> dict[str, str]:
     return aliases
 
 
+def _stored_as(model: torch.nn.Module, view: ModelView) -> dict:
+    """Parameters the framework holds under another name or layout than the checkpoint's, each with how
+    to build it from the checkpoint's tensors (given a function reading one): renamed ones (the spec's
+    `renamed`) and a layer's experts stacked into two parameters (`fused_experts`, transformers 5)."""
+    spec, stored = view.spec, view.source.tensors
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    layers = range(view.sizes["layers"])
+    out = {}
+    for path_pattern, name_pattern in spec.model.renamed.items():
+        for i in layers if "{i}" in path_pattern else [None]:
+            path, name = spec.module_path(path_pattern.format(i=i)), name_pattern.format(i=i)
+            if path in params and spec.tensor_name(path) not in stored and name in stored:
+                out[path] = lambda get, name=name: get(name)
+    fused = spec.model.fused_experts
+    for i in layers if fused is not None else []:
+        parts = {part: [pattern.format(i=i, e=e) for e in range(view.sizes["experts"])]
+                 for part, pattern in fused.experts.model_dump().items()}
+        if not all(n in stored for names in parts.values() for n in names):
+            continue  # a dense layer
+        gate_up, down = spec.module_path(fused.gate_up.format(i=i)), spec.module_path(fused.down.format(i=i))
+        if gate_up in params:  # [experts, gate rows then up rows, hidden]
+            out[gate_up] = lambda get, p=parts: torch.stack([torch.cat([get(g), get(u)]) for g, u in zip(p["gate"], p["up"])])
+        if down in params:
+            out[down] = lambda get, p=parts: torch.stack([get(d) for d in p["down"]])
+    return out
+
+
 def _unmapped(model: torch.nn.Module, view: ModelView) -> list[str]:
-    """Parameters of the skeleton that no checkpoint tensor (or tied alias) provides."""
-    aliases = _tie_aliases(model, view)
+    """Parameters of the skeleton that no checkpoint tensor (tied alias, renamed or fused tensor) provides."""
+    aliases, built = _tie_aliases(model, view), _stored_as(model, view)
     names = view.source.tensors
-    return [n for n, _ in model.named_parameters(remove_duplicate=False)
-            if view.spec.tensor_name(n) not in names and view.spec.tensor_name(aliases.get(n, n)) not in names]
+    return [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in built
+            and view.spec.tensor_name(n) not in names and view.spec.tensor_name(aliases.get(n, n)) not in names]
 
 
 class _Whole:

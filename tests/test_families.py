@@ -138,7 +138,8 @@ def test_pythia_head_name_is_kept(model_dir, tmp_path):
     weights = load_file(str(src / "model.safetensors"))
     assert "embed_out.weight" in weights
     dst = tmp_path / "out"
-    grow.expand(src, dst, factor=2, verify=True)
+    report = grow.expand(src, dst, factor=2, verify=True)["verification"]
+    assert report["passed"] and report["layer_by_layer"]  # transformers 5's lm_head is read from embed_out
     assert "embed_out.weight" in load_file(str(dst / "model.safetensors"))
     import transformers
 

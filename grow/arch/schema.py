@@ -125,6 +125,13 @@ class Refusal(_Strict):
     why: str
 
 
+class FusedExperts(_Strict):
+    """Where transformers 5 keeps a layer's experts once loaded: two parameters stacked over the experts."""
+    gate_up: str  # [experts, gate rows then up rows, hidden]
+    down: str  # [experts, hidden, expert_ffn]
+    experts: FfnParts  # the checkpoint's per-expert tensors they are built from
+
+
 class MoeFormat(_Strict):
     model_type: str
     sources: list[str]  # dense architectures this format can hold
@@ -173,6 +180,9 @@ class Spec(_Strict):
     models: dict[str, ModelEntry] = {}  # architecture -> how transformers loads it (default: a causal LM)
     reserved_positions: int = 0  # positions the position ids skip (RoBERTa counts from past the padding index)
     moe_format: Optional[MoeFormat] = None  # how `grow upcycle` writes this format
+    fused_experts: Optional[FusedExperts] = None  # how transformers 5 holds the per-expert tensors in memory
+    # module path -> checkpoint tensor, where a framework version keeps a tensor under another name
+    renamed: dict[str, str] = {}
 
 
 def validate(data, file: Path) -> Spec:
@@ -280,6 +290,10 @@ def _references(spec: Spec) -> list[str]:
                 for p in PLACEHOLDER.findall(t.name) if p not in ("{i}", "{e}")]
         if "{e}" in t.name and ("{i}" not in t.name or "experts" not in sizes):
             out.append(f"{where}: an expert index {{e}} needs a layer index {{i}} and the size experts")
+    if spec.fused_experts is not None:
+        out += [f"fused_experts.experts.{p}: {v} is not one of the tensors"
+                for p, v in spec.fused_experts.experts.model_dump().items() if v not in names]
+    out += [f"renamed.{path}: {name} is not one of the tensors" for path, name in spec.renamed.items() if name not in names]
     fmt = spec.moe_format
     if fmt is not None:
         patterns = {"router": fmt.router, **{f"expert.{p}": v for p, v in fmt.expert.model_dump().items()}}
