@@ -323,10 +323,14 @@ def set_path(config: dict, path: str, value) -> None:
     node[parts[-1]] = value
 
 
+# libyaml's parser where PyYAML has it: the pure-Python one spends most of `grow inspect`'s start-up on the specs
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_spec(path: Path) -> ArchSpec:
     """One spec file, validated (SpecError names the file and the key when it breaks the schema)."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         raise SpecError(f"spec {path}: not valid YAML ({str(e).splitlines()[0]}).") from None
     return ArchSpec(data, path)
