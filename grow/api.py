@@ -31,10 +31,15 @@ def peak_rss_bytes() -> int:
 
 
 def inspect(src) -> dict:
-    """Architecture, every size an operator changes (under the config's own key names), parameters, dtype, tie."""
+    """Architecture, every size an operator changes (under the config's own key names; the sizes of a
+    model built of stages as one list per kind, stage by stage), parameters, dtype, tie."""
     view = ModelView(Source(src))
     out = {"architecture": view.architecture, "family": view.spec.family}
     for name, sk in view.spec.sizes.items():
+        if sk.stage is not None:  # one list per kind of per-stage size, under the config list's name (dims, depths)
+            listed = sk.key and not sk.ratio_of and sk.key.endswith(f".{sk.stage}")
+            out.setdefault(sk.key.split(".")[-2] if listed else sk.kind, []).append(view.sizes[name])
+            continue
         key = sk.key.rsplit(".", 1)[-1] if sk.key and not sk.ratio_of else name
         out[key] = view.sizes[name]
     out["parameters"] = view.source.num_parameters

@@ -293,7 +293,7 @@ class Runner:
             init = _reset if self.framework == "timm" else self.model._init_weights
         self.loader = (Loader(self.model, view, init=init, seed=seed, dtype=dtype, device=device) if self.layer_by_layer
                        else _Whole(self.model))
-        self.layers = [self.model.get_submodule(view.spec.layer_module(i)) for i in range(view.sizes["layers"])]
+        self.layers = [self.model.get_submodule(path) for path in view.layer_modules]
         self.entry = view.spec.model_entry(view.architecture) if self.framework == "transformers" else {}
         self.head = self._head()
         self.on_layer = on_layer

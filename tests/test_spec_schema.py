@@ -14,7 +14,7 @@ def test_every_shipped_spec_loads():
     specs = all_specs()
     assert {p.stem for p in SPEC_DIR.glob("*.yaml")} == {s.file.stem for s in specs}
     for spec in specs:
-        assert spec.tensors and {"hidden", "layers"} <= set(spec.sizes)
+        assert spec.tensors and spec.spaces_of("hidden") and spec.layer_groups
         assert all(t.role in ROLES for t in spec.tensors)
 
 
@@ -24,6 +24,10 @@ def _llama() -> dict:
 
 def _qwen2_moe() -> dict:
     return yaml.safe_load((SPEC_DIR / "qwen2_moe.yaml").read_text())
+
+
+def _convnext() -> dict:
+    return yaml.safe_load((SPEC_DIR / "timm_convnext.yaml").read_text())
 
 
 def _tensor(data: dict, suffix: str) -> dict:
@@ -86,6 +90,22 @@ def _bad_operation(d):
     d["operations"] = {"widen": ["hypercloning"]}
 
 
+def _stage_without_depth(d):
+    del d["sizes"]["layers{s}"]
+
+
+def _stage_typo(d):
+    _tensor(d, "mlp.fc2.weight")["axes"] = ["hidden{s}", "fnn{s}"]
+
+
+def _no_stages(d):
+    d["stages"] = 0
+
+
+def _last_mirror_unstaged(d):
+    d["sizes"]["hidden"]["last_mirror"] = ["num_features"]
+
+
 CASES = [
     (_llama, _typo_top, "unknown key per_layers"),
     (_llama, _typo_size, "unknown key sizes.ffn.kye"),
@@ -101,6 +121,10 @@ CASES = [
     (_qwen2_moe, _moe_nested_typo, "unknown key moe_format.shared.routr"),
     (_qwen2_moe, _moe_unknown_tensor, "moe_format.router: model.layers.{i}.mlp.router.weight is not one of the tensors"),
     (_qwen2_moe, _bad_operation, "operations.widen"),
+    (_convnext, _stage_without_depth, "sizes.layers{s}: missing; a spec with stages defines hidden{s} and layers{s}"),
+    (_convnext, _stage_typo, "(stages.2.blocks.{i}.mlp.fc2.weight).axes: unknown space fnn2"),
+    (_convnext, _no_stages, "stages: Input should be greater than or equal to 1"),
+    (_llama, _last_mirror_unstaged, "sizes.hidden.last_mirror: only a size written with {s}"),
 ]
 
 

@@ -1,6 +1,7 @@
 """timm folders as save_for_hf writes them (sizes from the architecture's registered defaults, overrides
-in model_args), and the ViT variants: DeiT's distillation token and head, register tokens without a class
-token, average pooling with fc_norm, layer scale. Every output is run in real timm."""
+in model_args), the ViT variants (DeiT's distillation token and head, register tokens without a class
+token, average pooling with fc_norm, layer scale) and ConvNeXt (stages of their own width and depth).
+Every output is run in real timm."""
 
 import json
 
@@ -75,7 +76,7 @@ def test_distilled_and_register_tokens_are_grown(model_dir, tmp_path):
 
 def test_outputs_run_in_their_own_dtype(model_dir, tmp_path):
     """An output written in bfloat16 runs in bfloat16 in timm and stays close to the source."""
-    for kind in TIMM:
+    for kind in TIMM + ["convnext"]:
         src, dst = model_dir(kind), tmp_path / kind
         grow.expand(src, dst, factor=2, dtype="bfloat16")
         assert grow.inspect(dst)["dtype"] == "bfloat16"
@@ -115,3 +116,97 @@ def test_lossy_operators_on_timm_folders(model_dir, tmp_path, kind, method):
         assert _config(dst)["model_args"]["depth"] == 1
     else:
         assert len(model.blocks) == s["depth"] + 2
+
+
+# ---- ConvNeXt: stages of their own width and depth, depthwise convolutions, LayerNorm over channels ----
+
+def _widths(model):
+    return [stage.blocks[0].conv_dw.out_channels for stage in model.stages]
+
+
+def _depths(model):
+    return [len(stage.blocks) for stage in model.stages]
+
+
+def test_convnext_sizes_as_timm_reads_them(model_dir):
+    assert "dims" not in _config(model_dir("convnext"))["model_args"]  # test_convnext's registered defaults
+    sizes = grow.inspect(model_dir("convnext"))
+    assert sizes["dims"] == [24, 32, 48, 64] and sizes["depths"] == [1, 2, 4, 2] and sizes["ffn"] == [96, 128, 192, 256]
+    sizes = grow.inspect(model_dir("convnext_args"))
+    assert sizes["dims"] == [16, 24, 32, 40] and sizes["depths"] == [1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("kind,options", [("convnext", dict(factor=2)), ("convnext_args", dict(factor=3, noise_snr_db=20.0))])
+def test_convnext_hypercloning_is_exact(model_dir, tmp_path, kind, options):
+    src, dst = model_dir(kind), tmp_path / "out"
+    report = grow.expand(src, dst, verify=True, **options)["verification"]
+    assert report["passed"] and report["exact_expected"] and report["rel_error"] <= 1e-4, report
+    assert report["layer_by_layer"]
+    n = options["factor"]
+    a, b = _timm(src), _timm(dst)
+    assert _widths(b) == [w * n for w in _widths(a)] == _config(dst)["model_args"]["dims"]
+    assert _config(dst)["num_features"] == _widths(b)[-1] == b.num_features
+    # a depthwise filter reads only its own channel: each copy is the source filter, never split or divided
+    w, big = a.stages[2].blocks[0].conv_dw.weight, b.stages[2].blocks[0].conv_dw.weight
+    assert all(torch.equal(big[k * w.shape[0]:(k + 1) * w.shape[0]], w) for k in range(n))
+    # the downsampling conv reads the tiled channels of the stage before: its copies are unequal pieces
+    down, wide = a.stages[2].downsample[1].weight, b.stages[2].downsample[1].weight
+    pieces = wide[: down.shape[0]].unflatten(1, (n, down.shape[1]))
+    assert not torch.equal(pieces[:, 0], pieces[:, 1])
+    torch.testing.assert_close(pieces.sum(1), down, rtol=0, atol=1e-6)
+
+
+def test_convnext_bfloat16_source_grows_into_bfloat16(model_dir, tmp_path):
+    """A bfloat16 ConvNeXt grown again stays bfloat16, and verify runs it in bfloat16."""
+    half = tmp_path / "half"
+    grow.expand(model_dir("convnext_args"), half, factor=2, dtype="bfloat16")
+    report = grow.expand(half, tmp_path / "out", factor=2, verify=True)["verification"]
+    assert grow.inspect(tmp_path / "out")["dtype"] == "bfloat16"
+    assert report["passed"] and report["dtype_check"]["ran"] and report["dtype_check"]["top1_agreement"] == 1.0, report
+
+
+@pytest.mark.parametrize("kind,layers", [("convnext", 14), ("convnext_args", [2, 1, 4, 3])])
+def test_convnext_lemon_depth_is_exact(model_dir, tmp_path, kind, layers):
+    src, dst = model_dir(kind), tmp_path / "out"
+    report = grow.expand(src, dst, method="lemon", layers=layers, verify=True)["verification"]
+    assert report["passed"] and report["exact_expected"] and report["rel_error"] <= 1e-4, report
+    model = _timm(dst)
+    assert _depths(model) == _config(dst)["model_args"]["depths"]
+    if layers == 14:  # the new blocks spread over the stages in proportion to their depths
+        assert _depths(model) == [2, 3, 6, 3]
+        new = model.stages[0].blocks[1]  # a copy of block 0 that adds nothing to the residual
+        assert not new.mlp.fc2.weight.any() and torch.equal(new.conv_dw.weight, model.stages[0].blocks[0].conv_dw.weight)
+    else:
+        assert _depths(model) == layers
+
+
+def test_convnext_select_and_stack(model_dir, tmp_path):
+    src = model_dir("convnext")
+    small = tmp_path / "small"
+    report = grow.shrink(src, small, method="select", hidden=12, layers=5, verify=True)["verification"]
+    assert report["passed"] and not report["exact_expected"] and "baseline_random_init" in report
+    model, a = _timm(small), _timm(src)
+    assert _widths(model) == [12, 16, 24, 32] and _depths(model) == [1, 1, 2, 1]
+    assert model.stages[1].blocks[0].mlp.fc1.out_features == 64
+    # kept channels keep their weights (uniform: every second one), in every tensor of their stage
+    torch.testing.assert_close(model.stages[1].downsample[1].weight, a.stages[1].downsample[1].weight[::2, ::2])
+    plan = grow.shrink(src, method="select", hidden=[16, 16, 16, 16], dry_run=True)["plan"]
+    assert [plan["target_sizes"][f"hidden{k}"] for k in range(4)] == [16, 16, 16, 16]
+    stacked = tmp_path / "stacked"
+    assert grow.expand(src, stacked, method="stack", layers=[2, 4, 8, 4], verify=True)["verification"]["passed"]
+    assert _depths(_timm(stacked)) == [2, 4, 8, 4]
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda src: grow.expand(src, method="lemon", hidden=48, dry_run=True), "grows the depth.*hypercloning"),
+    (lambda src: grow.expand(src, method="msg", layers=12, dry_run=True), "cannot expand.*--method msg; it can"),
+    (lambda src: grow.shrink(src, method="subclone", hidden=12, dry_run=True), "shrink --method select"),
+    (lambda src: grow.upcycle(src, dry_run=True), "cannot upcycle"),
+    (lambda src: grow.expand(src, factor=2, ffn_factor=3, dry_run=True), "always 4 \* hidden0.*leave out --ffn-factor"),
+    (lambda src: grow.shrink(src, method="select", hidden=10, dry_run=True), "fractional"),
+    (lambda src: grow.shrink(src, method="select", ffn=10, dry_run=True), "--ffn does not apply"),
+    (lambda src: grow.expand(src, method="lemon", layers=[1, 2, 3, 2], dry_run=True), "stage 2 has 4"),
+])
+def test_convnext_refusals(model_dir, call, message):
+    with pytest.raises(UsageError, match=message):
+        call(model_dir("convnext"))

@@ -14,10 +14,12 @@ VOCAB = 160
 
 def _randomise(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
+    # LayerNorms named by position only (timm ConvNeXt's stem.1, downsample.0)
+    norms = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.LayerNorm) for p in ("weight", "bias")}
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name.lower() or "ln_" in name:
+            if "norm" in name.lower() or "ln_" in name or name in norms:
                 p.copy_((1.0 + 0.2 * noise) if name.endswith("weight") else 0.1 * noise)
             else:
                 p.copy_(0.08 * noise)
@@ -138,26 +140,30 @@ def save_encoder(kind: str, path: Path, seed: int = 0, dtype=torch.float32) -> P
 
 # timm models as users make them: created by name (sizes from the architecture's registered defaults,
 # which save_for_hf leaves out of config.json) with what they override recorded in model_args.
+SMALL_IMAGES = {"input_size": (3, 32, 32)}  # what save_for_hf records as the input size: 32 x 32, to stay fast
 TIMM_KINDS = {
-    "vit_defaults": ("test_vit", {}),  # 64 wide, 6 blocks, 2 heads, mlp_ratio 3: all defaults
-    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"depth": 2}),  # distillation token and head
-    "vit_reg": ("test_vit2", {}),  # register token, no class token, average pooling, fc_norm, layer scale
+    "vit_defaults": ("test_vit", {"img_size": 32}),  # 64 wide, 6 blocks, 2 heads, mlp_ratio 3: all defaults
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 32, "depth": 2}),  # distillation token, head
+    "vit_reg": ("test_vit2", {"img_size": 32}),  # register token, no class token, average pooling, fc_norm, layer scale
+    # stages 24/32/48/64 wide and 1/2/4/2 deep: all defaults
+    "convnext": ("test_convnext", {"data_config": SMALL_IMAGES}),
+    "convnext_args": ("convnext_tiny", {"dims": [16, 24, 32, 40], "depths": [1, 1, 2, 1], "data_config": SMALL_IMAGES}),
 }
 
 
-def save_timm(arch: str, path: Path, seed: int = 0, **overrides) -> Path:
-    """A timm model created by name at 32 x 32 pixels and 10 classes, saved with save_for_hf."""
+def save_timm(arch: str, path: Path, seed: int = 0, data_config: dict | None = None, **overrides) -> Path:
+    """A timm model created by name with 10 classes (and what `overrides` give), saved with save_for_hf."""
     import timm
     from timm.models import save_for_hf
 
     torch.manual_seed(seed)
-    model = timm.create_model(arch, pretrained=False, img_size=32, num_classes=10, **overrides)
+    model = timm.create_model(arch, pretrained=False, num_classes=10, **overrides)
     _randomise(model, seed)
-    save_for_hf(model, str(path), safe_serialization=True)
+    save_for_hf(model, str(path), safe_serialization=True, data_config=data_config)
     return path
 
 
 def save_vit(path: Path, seed: int = 0, embed_dim: int = 48, num_heads: int = 3, depth: int = 2) -> Path:
     """A ViT whose sizes the user gave to create_model (so model_args records them)."""
-    return save_timm("vit_tiny_patch16_224", path, seed, patch_size=8, embed_dim=embed_dim, depth=depth,
+    return save_timm("vit_tiny_patch16_224", path, seed, img_size=32, patch_size=8, embed_dim=embed_dim, depth=depth,
                      num_heads=num_heads)

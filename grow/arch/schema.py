@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GrowError
 
@@ -29,11 +30,14 @@ ROLES = {
     "head": "output head (possibly tied to the embedding)",
     "router": "mixture-of-experts router rows (or a shared expert's gate): read the residual",
     "layer_scale": "per-channel scale of a branch's output before the residual add (timm's ls1.gamma)",
+    "depthwise": "a depthwise convolution inside a block: each channel reads only itself (no fan-in, no residual write)",
 }
 # Spaces every spec has; "fixed" marks axes no operator changes, q and kv are heads x head_dim.
 FIXED_SPACE = "fixed"
 DERIVED_SPACES = {"q": ("heads", "head_dim"), "kv": ("kv_heads", "head_dim")}
 REQUIRED_SIZES = ("hidden", "layers", "heads", "kv_heads", "head_dim")
+STAGED_SIZES = ("hidden{s}", "layers{s}")  # what a spec with stages defines instead (a ConvNeXt has no heads)
+STAGE, PREVIOUS_STAGE = "{s}", "{s-1}"
 OPERATIONS = ("expand", "shrink", "upcycle")
 PLACEHOLDER = re.compile(r"\{[^}]*\}")
 
@@ -61,6 +65,7 @@ class Size(_Strict):
     # attribute path of the model the framework builds from the config (arch/built.py), read when `key` is
     # absent: the architecture's registered default, which timm leaves out of config.json
     built: Optional[str] = None
+    last_mirror: list[str] = []  # a size written with {s}: config paths that hold the last stage's value
 
 
 class Tensor(_Strict):
@@ -176,6 +181,10 @@ class Spec(_Strict):
     ignore: list[str] = []  # tensor names to skip (buffers the framework rebuilds)
     # operation -> the methods grow can apply to a source of this family; none: every method of every operation
     operations: Optional[dict[Literal[OPERATIONS], list[str]]] = None
+    # the model is built of this many stages (ConvNeXt): a size or tensor whose name holds {s} exists once per
+    # stage, with {s} in its keys, axes and defaults standing for the stage ({s-1}: the stage before; a tensor
+    # naming the stage before exists from the second stage on)
+    stages: Optional[int] = Field(None, ge=1)
     tensors: list[Tensor]
     models: dict[str, ModelEntry] = {}  # architecture -> how transformers loads it (default: a causal LM)
     reserved_positions: int = 0  # positions the position ids skip (RoBERTa counts from past the padding index)
@@ -185,18 +194,70 @@ class Spec(_Strict):
     renamed: dict[str, str] = {}
 
 
-def validate(data, file: Path) -> Spec:
-    """The spec in `data` (parsed YAML of `file`), or SpecError naming the file and every bad key."""
+@dataclass(frozen=True)
+class Stages:
+    """Where a staged spec's written-out entries come from: size name -> (kind, stage), e.g. hidden2 ->
+    (hidden, 2), and the stage of each tensor (None for a tensor written once)."""
+
+    of_size: dict[str, tuple[str, int]] = field(default_factory=dict)
+    of_tensor: tuple[Optional[int], ...] = ()
+
+
+def validate(data, file: Path) -> tuple[Spec, Stages]:
+    """The spec in `data` (parsed YAML of `file`) with every {s} entry written out once per stage, and
+    where those entries come from; or SpecError naming the file and every bad key."""
     if not isinstance(data, dict):
         raise SpecError(f"spec {file}: expected a mapping of keys at the top level, found {type(data).__name__}.")
     try:
         spec = Spec.model_validate(data)
     except ValidationError as e:
         raise SpecError(f"spec {file}: " + "; ".join(_describe(err, data) for err in e.errors()) + ".") from None
-    problems = _references(spec)
+    stages = Stages()
+    if spec.stages:
+        missing = [f"sizes.{name}: missing; a spec with stages defines {' and '.join(STAGED_SIZES)}"
+                   for name in STAGED_SIZES if name not in spec.sizes]
+        if missing:
+            raise SpecError(f"spec {file}: " + "; ".join(missing) + ".")
+        spec, stages = _written_out(spec)
+    problems = _references(spec, () if spec.stages else REQUIRED_SIZES)
     if problems:
         raise SpecError(f"spec {file}: " + "; ".join(problems) + ".")
-    return spec
+    return spec, stages
+
+
+def _written_out(spec: Spec) -> tuple[Spec, Stages]:
+    """Every size and tensor written with {s}, once per stage."""
+    n = spec.stages
+
+    def fill(value, s: int):
+        if isinstance(value, str):
+            return value.replace(PREVIOUS_STAGE, str(s - 1)).replace(STAGE, str(s))
+        if isinstance(value, list):
+            return [fill(v, s) for v in value]
+        return value
+
+    sizes, of_size = {}, {}
+    for name, size in spec.sizes.items():
+        if STAGE not in name:
+            sizes[name] = size
+            continue
+        for s in range(n):
+            entry = {k: fill(v, s) for k, v in size.model_dump().items() if k != "last_mirror"}
+            if s == n - 1:
+                entry["mirror"] = entry["mirror"] + size.last_mirror
+            sizes[fill(name, s)] = Size(**entry)
+            of_size[fill(name, s)] = (name.replace(STAGE, ""), s)
+    tensors, of_tensor = [], []
+    for t in spec.tensors:
+        text = t.name + " ".join(t.axes)
+        if STAGE not in text and PREVIOUS_STAGE not in text:
+            tensors.append(t)
+            of_tensor.append(None)
+            continue
+        for s in range(1 if PREVIOUS_STAGE in text else 0, n):
+            tensors.append(t.model_copy(update={k: fill(getattr(t, k), s) for k in ("name", "axes", "normalises", "norm")}))
+            of_tensor.append(s)
+    return spec.model_copy(update={"sizes": sizes, "tensors": tensors}), Stages(of_size, tuple(of_tensor))
 
 
 def _describe(err: dict, data: dict) -> str:
@@ -231,12 +292,12 @@ def _names(expr) -> set[str]:
     return {n.id for n in ast.walk(ast.parse(str(expr), mode="eval")) if isinstance(n, ast.Name)}
 
 
-def _references(spec: Spec) -> list[str]:
+def _references(spec: Spec, required=REQUIRED_SIZES) -> list[str]:
     """Every size, space and tensor that one entry names and another must define."""
     out = []
     sizes = set(spec.sizes)
     out += [f"sizes.{name}: missing; every spec defines {', '.join(REQUIRED_SIZES)}"
-            for name in REQUIRED_SIZES if name not in sizes]
+            for name in required if name not in sizes]
     if "experts" in sizes and "top_k" not in sizes:
         out.append("sizes.top_k: missing; a spec with experts defines top_k, the experts each token uses")
     for name, size in spec.sizes.items():
@@ -250,6 +311,8 @@ def _references(spec: Spec) -> list[str]:
         out += [f"sizes.{name}.default uses size {u}, which sizes does not define" for u in sorted(unknown)]
         if size.ratio_of is not None and size.ratio_of not in sizes:
             out.append(f"sizes.{name}.ratio_of: size {size.ratio_of} is not defined under sizes")
+        if size.last_mirror:
+            out.append(f"sizes.{name}.last_mirror: only a size written with {{s}} in a spec with stages has a last stage")
     if spec.embedding_scale is not None:
         try:
             out += [f"embedding_scale uses size {u}, which sizes does not define"
@@ -286,7 +349,8 @@ def _references(spec: Spec) -> list[str]:
             out.append(f"{where}.norm: {t.norm} is not a norm weight among the tensors")
         if t.reads is not None and not 0 <= t.reads < len(t.axes):
             out.append(f"{where}.reads: {t.reads} is not one of its {len(t.axes)} axes")
-        out += [f"{where}: unknown placeholder {p}; a name may use {{i}} (layer) and {{e}} (expert)"
+        out += [f"{where}: unknown placeholder {p}; a name may use {{i}} (layer), {{e}} (expert), and {{s}} or "
+                "{s-1} (stage) in a spec with stages"
                 for p in PLACEHOLDER.findall(t.name) if p not in ("{i}", "{e}")]
         if "{e}" in t.name and ("{i}" not in t.name or "experts" not in sizes):
             out.append(f"{where}: an expert index {{e}} needs a layer index {{i}} and the size experts")

@@ -33,6 +33,8 @@ class TensorSpec:
     normalises: str | None = None  # a q/k norm over the whole projection: the module whose output it normalises
     norm: str | None = None  # for a reader of the residual: the weight of the norm whose output it reads
     closes_block: bool = False  # a post-LN block's last norm: its output is the block's output
+    layer_size: str = "layers"  # the size that counts the layers "{i}" runs over (a stage's own in staged models)
+    residual: tuple[str, ...] = ("hidden",)  # the spaces of the residual stream (one per stage in staged models)
 
     def norm_name(self, layer: int | None = None) -> str | None:
         return None if self.norm is None else self.norm.replace("{i}", str(layer))
@@ -53,7 +55,7 @@ class TensorSpec:
             return True
         if self.role != "weight":
             return False
-        return any(ax == ("hidden",) for i, ax in enumerate(self.axes) if i != self.reads)
+        return any(len(ax) == 1 and ax[0] in self.residual for i, ax in enumerate(self.axes) if i != self.reads)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class SizeKey:
     # attribute path of the model the framework builds from the config (see arch/built.py), read when `key`
     # is absent: the architecture's registered default, which timm leaves out of config.json
     built: str | None = None
+    kind: str = ""  # what the size is (hidden, ffn, layers...): its name, less the stage number of a staged size
+    stage: int | None = None  # the stage of a per-stage size (spec `stages`)
 
 
 class ArchSpec:
@@ -73,7 +77,10 @@ class ArchSpec:
 
     def __init__(self, data: dict, source: Path, module_prefix: str = ""):
         self.file = source
-        model = self.model = validate(data, source)
+        model, stages = validate(data, source)  # sizes and tensors written with {s} come once per stage
+        self.model = model
+        # models built of stages (ConvNeXt): each stage has its own residual width, FFN width and depth
+        self.stages: int | None = model.stages
         self.family: str = model.family
         self.framework: str = model.framework
         self.architectures: list[str] = model.architectures
@@ -91,11 +98,12 @@ class ArchSpec:
         self.tie_key: str | None = model.tie.key if model.tie else None
         self.tie_default: bool = bool(model.tie and model.tie.default)
         self.sizes: dict[str, SizeKey] = {
-            k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases), v.built)
+            k: SizeKey(v.key, _expr(v.default), v.ratio_of, tuple(v.mirror), tuple(v.aliases), v.built,
+                       *stages.of_size.get(k, (k, None)))
             for k, v in model.sizes.items()
         }
-        # the spaces that are FFN widths: ffn, and any other a spec marks (an expert's, a shared expert's)
-        self.ffn_spaces: list[str] = [k for k, v in model.sizes.items() if k == "ffn" or v.ffn]
+        # the spaces that are FFN widths: ffn (one per stage), and any other a spec marks (an expert's)
+        self.ffn_spaces: list[str] = [k for k, v in model.sizes.items() if self.sizes[k].kind == "ffn" or v.ffn]
         self.per_layer_keys: list[str] = model.per_layer
         self.layer_count_keys: list[str] = model.layer_counts
         # per-layer entries that the framework derives when the config leaves them out:
@@ -106,10 +114,14 @@ class ArchSpec:
         self.module_prefix: str = module_prefix
         # architecture pattern -> conditions over sizes that the framework enforces when it loads a config
         self.size_checks: dict[str, list[str]] = model.size_checks
+        residual = tuple(self.spaces_of("hidden"))
         self.tensors = [TensorSpec(t.name, tuple(tuple(a.split("|")) for a in t.axes), t.reads, t.role,
                                    _pattern_regex(t.name), t.interleaved, t.normalises, t.norm,
-                                   t.closes_block)
-                        for t in model.tensors]
+                                   t.closes_block, "layers" if stage is None else self.spaces_of("layers")[stage],
+                                   residual)
+                        for t, stage in zip(model.tensors, stages.of_tensor or [None] * len(model.tensors))]
+        # the sizes that count layers: "layers", or one per stage
+        self.layer_groups: list[str] = list(dict.fromkeys(t.layer_size for t in self.tensors if t.per_layer))
         self.ignore = [_pattern_regex(p) for p in model.ignore]
         # operation -> the methods grow can apply to a source of this family; None: all of them
         self.operations: dict[str, list[str]] | None = model.operations
@@ -118,6 +130,15 @@ class ArchSpec:
         # positions the model's position ids skip (RoBERTa counts from past the padding index)
         self.reserved_positions: int = model.reserved_positions
         self.data = data  # the file as written (for_names rewrites it)
+
+    def spaces_of(self, kind: str) -> list[str]:
+        """The sizes of one kind: [kind] itself, or one per stage in staged models (hidden0, hidden1, ...)."""
+        return [name for name, sk in self.sizes.items() if sk.kind == kind]
+
+    def layers_label(self, group: str) -> str:
+        """How a message names the layers that one layer count counts: "" or " in stage 2"."""
+        stage = self.sizes[group].stage if group in self.sizes else None
+        return "" if stage is None else f" in stage {stage}"
 
     def model_entry(self, architecture: str | None) -> dict:
         """How transformers loads `architecture`: auto_class, output (what verify compares) and output_axis,
@@ -145,9 +166,10 @@ class ArchSpec:
         """The checkpoint's name for the parameter at a module path (the inverse of module_path)."""
         return path.removeprefix(self.module_prefix)
 
-    def layer_module(self, layer: int) -> str:
-        """The module path of one block, e.g. model.layers.3: the per-layer tensor names up to the index."""
-        pattern = next(t.pattern for t in self.tensors if t.per_layer)
+    def layer_module(self, layer: int, group: str = "layers") -> str:
+        """The module path of one block, e.g. model.layers.3 (stages.2.blocks.3 for group layers2): the
+        per-layer tensor names up to the index."""
+        pattern = next(t.pattern for t in self.tensors if t.per_layer and t.layer_size == group)
         return self.module_path(pattern[: pattern.index("{i}")] + str(layer))
 
     # ---- tensors -------------------------------------------------------------------------
@@ -218,6 +240,10 @@ class ArchSpec:
             raise GrowError(f"spec {self.file.name} has sizes that depend on each other: {sorted(pending)}.")
         return sizes
 
+    def implied(self, name: str, sizes: dict[str, int]) -> int:
+        """The value of a size that the config does not hold, from its default over the other sizes."""
+        return int(_eval_default(self.sizes[name].default, sizes))
+
     def space_size(self, space: str, sizes: dict[str, int]) -> int | None:
         """Length of one space's axis; None for axes that no operator changes."""
         if space == FIXED_SPACE:
@@ -268,6 +294,10 @@ class ArchSpec:
                 # the default still gives the right value: keep the config as terse as it was (a null the
                 # config holds is written out: transformers 4.57's Qwen2-MoE reads head_dim: null as it is)
                 continue
+            if sk.stage is not None and sk.key.endswith(f".{sk.stage}"):
+                whole = sk.key.rsplit(".", 1)[0]
+                if not isinstance(get_path(out, whole), list):  # the framework's default list, written out whole
+                    set_path(out, whole, [old[n] for n in self.spaces_of(sk.kind)])
             if sk.ratio_of:
                 ratio = value / new[sk.ratio_of]
                 if int(new[sk.ratio_of] * ratio) != value:
@@ -300,11 +330,15 @@ def _eval_default(expr: str | None, sizes: dict[str, int]):
 
 
 def get_path(config: dict, path: str | None):
+    """The value at a dotted path; a number indexes a list (model_args.dims.2)."""
     node = config
     for part in (path or "").split("."):
-        if not isinstance(node, dict) or part not in node:
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
             return None
-        node = node[part]
     return node
 
 
@@ -316,11 +350,15 @@ def holds_path(config: dict, path: str) -> bool:
 
 
 def set_path(config: dict, path: str, value) -> None:
+    """Set the value at a dotted path (creating objects on the way); a number indexes a list that exists."""
     parts = path.split(".")
     node = config
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value
 
 
 # libyaml's parser where PyYAML has it: the pure-Python one spends most of `grow inspect`'s start-up on the specs

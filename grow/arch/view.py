@@ -55,12 +55,12 @@ class ModelView:
         return architecture_name(self.config)
 
     def _check(self) -> None:
-        layers = self.sizes.get("layers")
         for e in self.entries:
+            layers = self.sizes.get(e.spec.layer_size)
             if e.layer is not None and layers is not None and e.layer >= layers:
                 raise GrowError(
-                    f"tensor {e.name} belongs to layer {e.layer}, but config.json says the model has {layers} layers; "
-                    "fix config.json or the checkpoint."
+                    f"tensor {e.name} belongs to layer {e.layer}, but config.json says the model has {layers} layers"
+                    f"{self.spec.layers_label(e.spec.layer_size)}; fix config.json or the checkpoint."
                 )
             expected = self.expected_shape(e.spec, e.info.shape)
             if expected != e.info.shape:
@@ -84,9 +84,11 @@ class ModelView:
                 f"config.json says the output head is not tied to the embedding, but the checkpoint has no "
                 f"{heads[0].name()}; set {self.spec.tie_key} to true or add the tensor."
             )
-        for i in range(layers or 0):
-            if not any(e.layer == i for e in self.entries):
-                raise GrowError(f"config.json says the model has {layers} layers, but the checkpoint holds no tensor of layer {i}.")
+        for group in self.spec.layer_groups:
+            for i in range(self.sizes.get(group) or 0):
+                if not self.layer(i, group):
+                    raise GrowError(f"config.json says the model has {self.sizes[group]} layers"
+                                    f"{self.spec.layers_label(group)}, but the checkpoint holds no tensor of layer {i}.")
 
     def expected_shape(self, spec: TensorSpec, actual: tuple[int, ...], sizes: dict[str, int] | None = None) -> tuple[int, ...]:
         sizes = sizes or self.sizes
@@ -97,8 +99,14 @@ class ModelView:
             for k, spaces in enumerate(spec.axes)
         )
 
-    def layer(self, i: int) -> list[Entry]:
-        return [e for e in self.entries if e.layer == i]
+    def layer(self, i: int, group: str = "layers") -> list[Entry]:
+        """The tensors of layer i (of one stage, where group names that stage's layer count)."""
+        return [e for e in self.entries if e.layer == i and e.spec.layer_size == group]
+
+    @property
+    def layer_modules(self) -> list[str]:
+        """The module path of every block, stage after stage in staged models."""
+        return [self.spec.layer_module(i, g) for g in self.spec.layer_groups for i in range(self.sizes[g])]
 
     def globals(self) -> list[Entry]:
         return [e for e in self.entries if e.layer is None]

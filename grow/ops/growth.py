@@ -78,6 +78,44 @@ def target_sizes(view: ModelView, method: str, **given) -> dict[str, int]:
     return t
 
 
+def stage_depths(view: ModelView, method: str, layers, **widths) -> dict[str, int]:
+    """Target sizes of a model built of stages (ConvNeXt), whose depth grows: `layers` is one depth per
+    stage, or the new total depth, spread over the stages in proportion to their depths (largest
+    remainders first). Widths are refused: each stage has its own, which HyperCloning grows."""
+    given = [k for k, v in widths.items() if v is not None]
+    if given:
+        raise UsageError(f"--method {method} grows the depth of a {view.architecture} checkpoint, not its "
+                         f"{OPTIONS[given[0]]}: each stage has its own width; widen it with --method hypercloning.")
+    s, groups = view.sizes, view.spec.layer_groups
+    source = [s[g] for g in groups]
+    if layers is None:
+        raise UsageError(f"--method {method} needs --layers, the new total depth (now {sum(source)}: {source} "
+                         "stage by stage), or one depth per stage.")
+    if isinstance(layers, (list, tuple)):
+        if len(layers) != len(groups):
+            raise UsageError(f"--layers needs one depth for each of the {len(groups)} stages, not {list(layers)}.")
+        new = [whole_number(v, "--layers", n, hint=f"; stage {k} has {n} already and {method} only grows")
+               for k, (v, n) in enumerate(zip(layers, source))]
+    else:
+        total = whole_number(layers, "--layers", sum(source) + 1,
+                             hint=f"; --method {method} needs a depth larger than the source's {sum(source)}")
+        new = proportional(source, total)
+    if new == source:
+        raise UsageError(f"--method {method} needs a depth larger than the source's {source}.")
+    return dict(s, **dict(zip(groups, new)))
+
+
+def proportional(counts: list[int], total: int, least: int = 0) -> list[int]:
+    """`total` shared out in proportion to `counts`, each share at least `least`, largest remainders first."""
+    quotas = [total * n / sum(counts) for n in counts]
+    new = [max(least, int(q)) for q in quotas]
+    for k in sorted(range(len(new)), key=lambda k: new[k] - quotas[k])[: max(0, total - sum(new))]:
+        new[k] += 1
+    while sum(new) > total:  # the floor of `least` took more than the total: give back where most is over
+        new[max((k for k in range(len(new)) if new[k] > least), key=lambda k: new[k] - quotas[k])] -= 1
+    return new
+
+
 def grouped_heads(heads: int, kv_heads: int, new_kv_heads: int,
                   whole_copies: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Circular copies of kv heads, and of query heads group by group, so that target query head j

@@ -27,24 +27,26 @@ def build(view: ModelView, *, factor=None, ffn_factor=None, noise: bool = True, 
     snr = (SPLIT_SNR_DB if noise_snr_db is None else noise_snr_db) if noise else None
     n = _factor(factor, "--factor")
     m = n if ffn_factor is None else _factor(ffn_factor, "--ffn-factor")
+    implied = [view.spec.sizes[sp].default for sp in view.spec.ffn_spaces if view.spec.sizes[sp].key is None]
+    if m != n and implied:
+        raise UsageError(f"--ffn-factor {m} differs from --factor {n}, but the FFN of a {view.architecture} checkpoint "
+                         f"is always {implied[0]} (config.json has no FFN width); leave out --ffn-factor.")
     s = view.sizes
     t = dict(s)
-    t["hidden"] = s["hidden"] * n
-    t["heads"] = s["heads"] * n
-    # a single kv head serves every query head as it is (MQA), unless each head has its own (GPT-2, ViT)
-    single_kv = s["kv_heads"] == 1 and view.spec.sizes["kv_heads"].key is not None
-    t["kv_heads"] = 1 if single_kv else s["kv_heads"] * n
-    for space in view.spec.ffn_spaces:  # the FFN, and every expert's FFN where there are experts
-        t[space] = s[space] * m
-    check_heads(view, t)
-
-    maps: dict[str, WidthMap] = {
-        "hidden": tile(s["hidden"], n),
-        "q": per_head(tile(s["heads"], n), s["head_dim"]),
-        **{space: tile(s[space], m) for space in view.spec.ffn_spaces},
-    }
-    if not single_kv:
-        maps["kv"] = per_head(tile(s["kv_heads"], n), s["head_dim"])
+    maps: dict[str, WidthMap] = {}
+    # the residual (one per stage in staged models), the FFN (and every expert's), then the heads where there are any
+    for spaces, k in ((view.spec.spaces_of("hidden"), n), (view.spec.ffn_spaces, m)):
+        for space in spaces:
+            t[space], maps[space] = s[space] * k, tile(s[space], k)
+    if "heads" in s:
+        t["heads"] = s["heads"] * n
+        # a single kv head serves every query head as it is (MQA), unless each head has its own (GPT-2, ViT)
+        single_kv = s["kv_heads"] == 1 and view.spec.sizes["kv_heads"].key is not None
+        t["kv_heads"] = 1 if single_kv else s["kv_heads"] * n
+        check_heads(view, t)
+        maps["q"] = per_head(tile(s["heads"], n), s["head_dim"])
+        if not single_kv:
+            maps["kv"] = per_head(tile(s["kv_heads"], n), s["head_dim"])
 
     recipes = []
     for e in view.entries:

@@ -25,7 +25,8 @@ from ..arch.view import Entry, ModelView
 from ..errors import UsageError
 from ..plan import Init, Plan, TensorRecipe
 from .base import depth_config, mapped_recipe, output_dtype, target_config, tensor_seed
-from .growth import SPLIT_SNR_DB, grouped_heads, spread_layers, symmetry_breaking, target_sizes, unequal_split
+from .growth import (SPLIT_SNR_DB, grouped_heads, spread_layers, stage_depths, symmetry_breaking, target_sizes,
+                     unequal_split)
 from .maps import WidthMap, per_head
 
 FREE_STD = 0.02  # columns that read the always-zero extra residual entries: any value is exact
@@ -43,9 +44,14 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
         raise UsageError(f"--method lemon needs a pre-LN or post-LN model; {view.architecture} is {view.spec.block}.")
     post_norm = view.spec.block == "post_norm"
     s = view.sizes
-    t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
+    if view.spec.stages:  # each stage has its own width: LEMON grows the depth of their residual blocks
+        t = stage_depths(view, "lemon", layers, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads)
+    else:
+        t = target_sizes(view, "lemon", hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     gains = _whole_projection_gains(view, s, t)
-    d, D = s["hidden"], t["hidden"]
+    d = D = 1  # a staged model keeps every width
+    if "hidden" in s:
+        d, D = s["hidden"], t["hidden"]
     copies, extra = divmod(D, d)
     if post_norm and extra:
         raise UsageError(
@@ -62,9 +68,9 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     sources = {}  # space -> source position of each target position (-1: new)
     if D != d:
         sources["hidden"] = torch.cat([torch.arange(d).repeat(copies), torch.full((extra,), -1)])
-    if t["ffn"] != s["ffn"]:
+    if t.get("ffn") != s.get("ffn"):
         sources["ffn"] = torch.arange(t["ffn"]) % s["ffn"]
-    if t["heads"] != s["heads"]:
+    if t.get("heads") != s.get("heads"):
         head_src, kv_src = grouped_heads(s["heads"], s["kv_heads"], t["kv_heads"], whole_copies=bool(gains))
         sources["q"], sources["kv"] = head_src, kv_src
 
@@ -81,30 +87,31 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
                 maps[space] = WidthMap(src, fan_in, label)
         return maps
 
-    layer_plan = spread_layers(s["layers"], t["layers"])
+    plans = {group: spread_layers(s[group], t[group]) for group in view.spec.layer_groups}
     recipes = []
     for e in view.globals():
         if e.spec.role == "head" and view.tied:
             continue  # the tie is kept; the 1/k it needs lives in the final norm
         recipes.append(_recipe(view, e, maps_for(e.name), e.name, copies, share, extra, seed, dtype, snr, gains,
                                new_layer=False))
-    for i, (j, new) in enumerate(layer_plan):
-        followed_by_new = i + 1 < len(layer_plan) and layer_plan[i + 1][1]
-        for e in view.layer(j):
-            name = e.spec.name(i)
-            if post_norm and _hands_on(e, new, followed_by_new):
-                recipes.append(_identity_norm(view, e, name, t, dtype))
-            else:
-                recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr, gains,
-                                       new_layer=new))
+    for group, layer_plan in plans.items():
+        for i, (j, new) in enumerate(layer_plan):
+            followed_by_new = i + 1 < len(layer_plan) and layer_plan[i + 1][1]
+            for e in view.layer(j, group):
+                name = e.spec.name(i)
+                if post_norm and _hands_on(e, new, followed_by_new):
+                    recipes.append(_identity_norm(view, e, name, t, dtype))
+                else:
+                    recipes.append(_recipe(view, e, maps_for(name), name, copies, share, extra, seed, dtype, snr,
+                                           gains, new_layer=new))
 
-    config = depth_config(view, target_config(view, t, dtype), [j for j, _ in layer_plan])
+    config = depth_config(view, target_config(view, t, dtype), [j for j, _ in plans.get("layers", [])])
     how, note = symmetry_breaking(snr, column_split=split == "column")
-    notes = [note]
-    if t["layers"] != s["layers"]:
-        notes.append(f"{t['layers'] - s['layers']} new layers (copies with zero residual writers) among the "
-                     f"{s['layers']} source layers: target layer i comes from source layer "
-                     f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new).")
+    notes = [note] + [
+        f"{t[group] - s[group]} new layers{view.spec.layers_label(group)} (copies with zero residual writers) among "
+        f"the {s[group]} source layers: target layer i comes from source layer "
+        f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new)."
+        for group, layer_plan in plans.items() if t[group] != s[group]]
     if post_norm and t["layers"] != s["layers"]:
         notes.append("post-LN: the closing LayerNorm of the layer before a new one becomes the identity (weight 1, "
                      "bias 0) and the new layer's own norms take over from it, so the new layer renormalizes an "
@@ -112,8 +119,8 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     return Plan(
         operation="expand", method="lemon", exact=True, architecture=view.architecture, config=config,
         recipes=recipes, source_sizes=s, target_sizes=t, notes=notes, stats={"symmetry_breaking": how},
-        options={"hidden": D, "ffn": t["ffn"], "heads": t["heads"], "kv_heads": t["kv_heads"],
-                 "layers": t["layers"], "split": split, "noise_snr_db": snr, "seed": seed, "dtype": dtype},
+        options={**{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", *view.spec.layer_groups) if k in t},
+                 "split": split, "noise_snr_db": snr, "seed": seed, "dtype": dtype},
     )
 
 
@@ -123,7 +130,7 @@ def _whole_projection_gains(view: ModelView, s: dict, t: dict) -> dict[str, floa
     are 0 (their output projection columns are 0 too, so they add nothing); the projection that the norm
     normalises is multiplied by g = sqrt(new heads / (k x old heads)), which keeps its mean square (and with
     it eps), and the norm's weight by 1/g. Returns tensor pattern -> g (and 1/g); empty when not needed."""
-    if t["heads"] == s["heads"] or t["heads"] % s["heads"] == 0:
+    if t.get("heads") == s.get("heads") or t["heads"] % s["heads"] == 0:
         return {}
     gains = {}
     g = math.sqrt(t["heads"] / (t["heads"] // s["heads"] * s["heads"]))

@@ -12,7 +12,7 @@ from ..arch.view import ModelView
 from ..errors import UsageError
 from ..plan import Plan
 from .maps import select
-from .shrinking import build_plan, head_indices, head_maps, pick, target_sizes
+from .shrinking import build_plan, head_indices, head_maps, pick, stage_sizes, target_sizes
 
 LAYER_SELECTIONS = ("first", "uniform")
 ELEMENT_SELECTIONS = ("uniform", "first", "random")
@@ -32,6 +32,9 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     if element_selection not in ELEMENT_SELECTIONS:
         raise UsageError(f"--element-selection {element_selection} is not one of {', '.join(ELEMENT_SELECTIONS)}.")
     s = view.sizes
+    if view.spec.stages:
+        t = stage_sizes(view, hidden=hidden, layers=layers, ffn=ffn, heads=heads, kv_heads=kv_heads)
+        return _staged(view, t, layer_selection, element_selection, seed, dtype)
     moe = "experts" in s
     if experts is not None and not moe:
         raise UsageError(f"--experts applies to a mixture of experts; a {view.architecture} source has none.")
@@ -71,3 +74,20 @@ def _check_top_k(view: ModelView, experts: int) -> None:
     if experts < top_k:
         raise UsageError(f"--experts {experts} is fewer than the {top_k} experts each token uses ({key} in config.json); "
                          f"keep at least {top_k}.")
+
+
+def _staged(view: ModelView, t: dict[str, int], layer_selection: str, how: str, seed: int, dtype) -> Plan:
+    """A model built of stages: one index set per stage width and FFN width (the downsampling layer into
+    a stage reads the stage before with that stage's set), layers chosen stage by stage."""
+    s, gen = view.sizes, torch.Generator().manual_seed(seed)
+    maps = {space: select(s[space], pick(s[space], t[space], how, gen), label=f"{how} {t[space]} of {s[space]}")
+            for kind in ("hidden", "ffn") for space in view.spec.spaces_of(kind) if t[space] != s[space]}
+    layer_src = {g: layer_indices(s[g], t[g], layer_selection) for g in view.spec.layer_groups}
+    notes = [f"layers {src} of {s[g]}{view.spec.layers_label(g)} kept ({layer_selection})"
+             for g, src in layer_src.items() if t[g] != s[g]]
+    return build_plan(
+        view, t, method="select", layer_src=layer_src, layer_maps=lambda _layer: maps, global_maps=maps,
+        dtype=dtype, seed=seed, notes=notes,
+        options={"layer_selection": layer_selection, "element_selection": how, "seed": seed, "dtype": dtype,
+                 **{k: t[k] for kind in ("hidden", "layers") for k in view.spec.spaces_of(kind)}},
+    )

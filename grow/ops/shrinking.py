@@ -12,8 +12,8 @@ from ..errors import UsageError
 from ..plan import Plan
 from .base import SIZE_OPTIONS as OPTIONS
 from .base import check_heads, check_size_rules, depth_config, mapped_recipe, target_config, whole_number
+from .growth import proportional
 from .maps import WidthMap, per_head, select
-
 
 
 def target_sizes(view: ModelView, **asked) -> dict[str, int]:
@@ -54,6 +54,45 @@ def target_sizes(view: ModelView, **asked) -> dict[str, int]:
     return t
 
 
+def stage_sizes(view: ModelView, *, hidden=None, layers=None, **others) -> dict[str, int]:
+    """Target sizes of a model built of stages (ConvNeXt): `hidden` is the first stage's new width, every
+    stage's width scaled by the same ratio (or one width per stage); `layers` the new total depth, taken
+    from the stages in proportion to their depths, each keeping one (or one depth per stage). The FFN
+    widths follow their stage's width, as the framework fixes them."""
+    given = [k for k, v in others.items() if v is not None]
+    if given:
+        raise UsageError(f"{OPTIONS[given[0]]} does not apply to a {view.architecture} checkpoint: its stages have "
+                         "widths (--hidden) and depths (--layers), and each FFN is a fixed multiple of its stage's width.")
+    if hidden is None and layers is None:
+        raise UsageError("nothing to shrink: give --hidden (the first stage's width) or --layers (the total depth).")
+    s, spec = view.sizes, view.spec
+    t = dict(s)
+    for option, value, names in (("--hidden", hidden, spec.spaces_of("hidden")), ("--layers", layers, spec.layer_groups)):
+        if value is None:
+            continue
+        source = [s[n] for n in names]
+        if isinstance(value, (list, tuple)):
+            if len(value) != len(names):
+                raise UsageError(f"{option} needs one value for each of the {len(names)} stages, not {list(value)}.")
+            new = [whole_number(v, option, 1, "; shrinking cannot make a stage larger than the source's", most=n)
+                   for v, n in zip(value, source)]
+        elif option == "--hidden":
+            first = whole_number(value, option, 1, "; shrinking cannot make a width larger than the source's",
+                                 most=source[0])
+            if any(n * first % source[0] for n in source):
+                raise UsageError(f"--hidden {first} scales the stage widths {source} by {first}/{source[0]}, which "
+                                 "leaves some of them fractional; give one width per stage instead.")
+            new = [n * first // source[0] for n in source]
+        else:
+            total = whole_number(value, option, len(source), most=sum(source),
+                                 hint=f"; every one of the {len(source)} stages keeps at least one layer")
+            new = proportional(source, total, least=1)
+        t.update(zip(names, new))
+    for name in spec.ffn_spaces:
+        t[name] = spec.implied(name, t)
+    return t
+
+
 def head_indices(s: dict[str, int], t: dict[str, int], pick_kv: Callable[[int, int], torch.Tensor],
                  pick_q: Callable[[int, int, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Source kv heads kept, and source query heads kept: for each kept kv head, query heads of its own
@@ -75,14 +114,16 @@ def head_maps(s: dict[str, int], kv: torch.Tensor, q: torch.Tensor, how: str) ->
     return maps
 
 
-def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: list[int],
+def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: list[int] | dict[str, list[int]],
                layer_maps: Callable[[int], dict[str, WidthMap]], global_maps: dict[str, WidthMap],
                fan_in_scale: Callable[[tuple[str, ...]], float] = lambda spaces: 1.0, dtype: str | None, seed: int,
                options: dict, notes: list[str], expert_src: list[int] | None = None) -> Plan:
-    """Target layer i copies source layer layer_src[i], every axis gathered through its space's map;
+    """Target layer i copies source layer layer_src[i] (in staged models, {layer count: layer_src} stage by
+    stage), every axis gathered through its space's map;
     each Linear is multiplied by fan_in_scale(spaces of its input axis). A tied head keeps its tie:
     its scale goes into the final norm that feeds it. Target expert k copies source expert expert_src[k]."""
-    target_of = {j: i for i, j in enumerate(layer_src)}
+    groups = layer_src if isinstance(layer_src, dict) else {"layers": layer_src}
+    target_of = {(group, j): i for group, src in groups.items() for i, j in enumerate(src)}
     expert_of = {j: k for k, j in enumerate(expert_src)} if expert_src is not None else None
     heads = view.spec.by_role("head")
     head_scale = fan_in_scale(heads[0].axes[heads[0].reads]) if view.tied and heads else 1.0
@@ -93,9 +134,9 @@ def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: li
             continue
         if e.layer is None:
             maps, name = global_maps, e.name
-        elif e.layer in target_of and (e.expert is None or expert_of is None or e.expert in expert_of):
+        elif (e.spec.layer_size, e.layer) in target_of and (e.expert is None or expert_of is None or e.expert in expert_of):
             expert = e.expert if e.expert is None or expert_of is None else expert_of[e.expert]
-            maps, name = layer_maps(e.layer), e.spec.name(target_of[e.layer], expert)
+            maps, name = layer_maps(e.layer), e.spec.name(target_of[(e.spec.layer_size, e.layer)], expert)
         else:
             continue
         scale = fan_in_scale(e.spec.axes[e.spec.reads]) if e.spec.reads is not None else 1.0
@@ -105,7 +146,7 @@ def build_plan(view: ModelView, t: dict[str, int], *, method: str, layer_src: li
         if name != e.name:
             note = ", ".join(filter(None, [f"from layer {e.layer}", note]))
         recipes.append(mapped_recipe(view, e, maps, name=name, dtype=dtype, seed=seed, scale=scale, note=note))
-    config = depth_config(view, target_config(view, t, dtype), layer_src)
+    config = depth_config(view, target_config(view, t, dtype), groups.get("layers", []))
     return Plan(operation="shrink", method=method, exact=False, architecture=view.architecture, config=config,
                 recipes=recipes, source_sizes=view.sizes, target_sizes=t, options=options, notes=notes)
 
