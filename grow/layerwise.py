@@ -219,7 +219,7 @@ def _stored_as(model: torch.nn.Module, view: ModelView) -> dict:
     `renamed`) and a layer's experts stacked into two parameters (`fused_experts`, transformers 5)."""
     spec, stored = view.spec, view.source.tensors
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    layers = range(view.sizes["layers"])
+    layers = range(view.sizes.get("layers", 0))  # a staged model (ConvNeXt) has neither renames nor experts
     out = {}
     for path_pattern, name_pattern in spec.model.renamed.items():
         for i in layers if "{i}" in path_pattern else [None]:
