@@ -47,10 +47,18 @@ class Importance:
     # per layer, the KL divergence of the output from the source's when that layer alone is skipped
     # (measured only when asked: it runs the model once more per layer)
     skip_loss: torch.Tensor | None = None
+    # per (layer, space) as `units`: the L2 norm of each unit's fan-in column in the Linear that reads it,
+    # the weights through which the unit writes; mean |activation| x this norm is what it adds to the output
+    unit_norms: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
-    def head_scores(self, layer: int, head_dim: int) -> torch.Tensor:
-        q = self.units[(layer, "q")]
-        return q.view(-1, head_dim).mean(1)
+    def unit_scores(self, layer: int, space: str, ranking: str = "activation") -> torch.Tensor:
+        """Per unit: mean |activation| ("activation"), or that times the unit's fan-in column norm
+        ("contribution": the mean size of what the unit writes)."""
+        scores = self.units[(layer, space)]
+        return scores * self.unit_norms[(layer, space)] if ranking == "contribution" else scores
+
+    def head_scores(self, layer: int, head_dim: int, ranking: str = "activation") -> torch.Tensor:
+        return self.unit_scores(layer, "q", ranking).view(-1, head_dim).mean(1)
 
 
 class _Stats:
@@ -68,8 +76,8 @@ class _Stats:
         return (self.sum / max(self.count, 1)).to(torch.float32)
 
 
-def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
-    """(layer, space) -> module whose input is that space: the Linears reading FFN units or heads."""
+def _unit_reader_entries(view: ModelView) -> dict:
+    """(layer, space) -> the weight entry of the Linear whose input is that space (FFN units or heads)."""
     out = {}
     for e in view.entries:
         spec = e.spec
@@ -77,7 +85,31 @@ def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
             continue
         spaces = spec.axes[spec.reads]
         if len(spaces) == 1 and spaces[0] in ("ffn", "q"):
-            out[(e.layer, spaces[0])] = view.spec.module_path(e.name.removesuffix(".weight"))
+            out[(e.layer, spaces[0])] = e
+    return out
+
+
+def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
+    """(layer, space) -> module whose input is that space: the Linears reading FFN units or heads."""
+    return {k: view.spec.module_path(e.name.removesuffix(".weight")) for k, e in _unit_reader_entries(view).items()}
+
+
+NORM_BLOCK_BYTES = 1 << 26
+
+
+def _unit_norms(view: ModelView) -> dict[tuple[int, str], torch.Tensor]:
+    """Per unit, the L2 norm of its fan-in column in the Linear that reads it, read in row blocks."""
+    out = {}
+    for key, e in _unit_reader_entries(view).items():
+        info = view.source.tensors[e.name]
+        rows = info.shape[0]
+        step = max(1, NORM_BLOCK_BYTES // max(1, info.nbytes // max(rows, 1)))
+        squares = []
+        for a in range(0, rows, step):
+            block = view.source.get_rows(e.name, a, min(rows, a + step)).to(torch.float64).pow(2)
+            squares.append(block.sum(0) if e.spec.reads == 1 else block.sum(1))
+        total = torch.stack(squares).sum(0) if e.spec.reads == 1 else torch.cat(squares)
+        out[key] = total.sqrt().to(torch.float32)
     return out
 
 
@@ -119,7 +151,7 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
         loader.remove()
     tokens = int(inputs.numel()) if inputs.dtype == torch.long else hidden.count // (layers + 1)
     return Importance(hidden.mean(), {k: s.mean() for k, s in units.items()}, tokens, description,
-                      loader.peak, list(notes or []), influence.mean(), covariance.mean())
+                      loader.peak, list(notes or []), influence.mean(), covariance.mean(), unit_norms=_unit_norms(view))
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:
@@ -345,6 +377,7 @@ def save(path: Path, imp: Importance, view: ModelView) -> None:
     if imp.skip_loss is not None:
         tensors["skip_loss"] = imp.skip_loss.contiguous()
     tensors.update({f"layers.{i}.{space}": t.contiguous() for (i, space), t in imp.units.items()})
+    tensors.update({f"layers.{i}.{space}.norm": t.contiguous() for (i, space), t in imp.unit_norms.items()})
     meta = {"source": view.source.id, "tokens": str(imp.tokens), "inputs": imp.inputs, "notes": json.dumps(imp.notes)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -363,21 +396,22 @@ def load(path: Path, view: ModelView) -> Importance:
         raise UsageError(f"--scores {path} is not a scores file grow wrote ({e.__class__.__name__}); delete it or give another path.") from None
     d = view.sizes["hidden"]
     expected = {"hidden": (d,), "influence": (view.sizes["layers"],), "covariance": (d, d)}
-    expected.update({f"layers.{i}.{s}": (view.spec.space_size(s, view.sizes),) for i, s in _unit_readers(view)})
+    for i, s in _unit_readers(view):
+        expected[f"layers.{i}.{s}"] = expected[f"layers.{i}.{s}.norm"] = (view.spec.space_size(s, view.sizes),)
     if "skip_loss" in tensors:  # measured only where layers were removed by loss
         expected["skip_loss"] = (view.sizes["layers"],)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     if shapes != expected:
         raise UsageError(f"--scores {path} was computed for a model of another shape than {view.source.id}, "
                          "or by an older grow; delete it or give another path.")
-    units = {}
+    units, norms = {}, {}
     for k, t in tensors.items():
         if k.startswith("layers."):
-            _, i, space = k.split(".")
-            units[(int(i), space)] = t
+            _, i, space, *norm = k.split(".")
+            (norms if norm else units)[(int(i), space)] = t
     return Importance(tensors["hidden"], units, int(meta.get("tokens", 0)), meta.get("inputs", "?"),
                       notes=json.loads(meta.get("notes", "[]")), influence=tensors["influence"],
-                      covariance=tensors["covariance"], skip_loss=tensors.get("skip_loss"))
+                      covariance=tensors["covariance"], skip_loss=tensors.get("skip_loss"), unit_norms=norms)
 
 
 def importance(view: ModelView, *, calibration=None, tokens: int = DEFAULT_TOKENS, scores=None, seed: int = 0,

@@ -306,6 +306,9 @@ def shrink(
     residual: Annotated[Optional[str], _text("subclone: pca (default for RMSNorm models: rotate the residual onto its "
                                              "principal directions, then cut) or activation (keep the most active dims).",
                                              "HOW")] = None,
+    unit_ranking: Annotated[Optional[str], _text("subclone: how FFN units and heads are ranked: activation (default: "
+                                                 "mean |activation|) or contribution (times the weights they write "
+                                                 "through).", "HOW")] = None,
     device: DEVICE = "cpu",
     seed: SEED = 0,
     dtype: DTYPE = None,
@@ -323,7 +326,7 @@ def shrink(
                    kv_heads=kv_heads, layers=layers, experts=experts, layer_selection=layer_selection,
                    element_selection=element_selection, calibration=calibration,
                    calibration_tokens=calibration_tokens, scores=scores, layer_removal=layer_removal,
-                   residual=residual, seed=seed, dtype=dtype,
+                   residual=residual, unit_ranking=unit_ranking, seed=seed, dtype=dtype,
                    shard_size=shard_size, dry_run=dry_run, verify=verify, force=force, tol=tol, device=device)
 
 

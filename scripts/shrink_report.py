@@ -32,12 +32,12 @@ import trained_models as T
 
 import grow
 
-# the defaults before issue 13, each gain alone, and today's default (both)
-BEFORE = dict(residual="activation", layer_removal="middle")
-DEFAULT = dict(residual="pca", layer_removal="influence")
-SUBCLONE_OPTIONS = [BEFORE, dict(residual="pca", layer_removal="middle"),
-                    dict(residual="activation", layer_removal="influence"), DEFAULT,
-                    dict(residual="pca", layer_removal="loss")]
+# the defaults before issue 13, each gain alone, today's default, and the other options
+BEFORE = dict(residual="activation", layer_removal="middle", unit_ranking="activation")
+DEFAULT = dict(residual="pca", layer_removal="influence", unit_ranking="activation")
+SUBCLONE_OPTIONS = [BEFORE, dict(BEFORE, residual="pca"), dict(BEFORE, layer_removal="influence"), DEFAULT,
+                    dict(DEFAULT, layer_removal="loss"), dict(DEFAULT, unit_ranking="contribution")]
+OPTION_NAMES = ("residual", "layer_removal", "unit_ranking")
 
 
 def cuts(setup: T.Setup) -> list[tuple[str, dict]]:
@@ -55,8 +55,10 @@ def cuts(setup: T.Setup) -> list[tuple[str, dict]]:
 
 
 def effective(options: dict, cut: dict) -> tuple:
-    """The options that change the model for this cut (pca needs a hidden cut, influence a layer cut)."""
-    return (options["residual"] if "hidden" in cut else None, options["layer_removal"] if "layers" in cut else None)
+    """The options that change the model for this cut (pca needs a hidden cut, influence a layer cut, the unit
+    ranking an FFN or head cut)."""
+    return (options["residual"] if "hidden" in cut else None, options["layer_removal"] if "layers" in cut else None,
+            options["unit_ranking"] if {"ffn", "heads"} & set(cut) else None)
 
 
 def shrink(src: Path, dst: Path, scores: Path, method: str, **options):
@@ -81,7 +83,7 @@ def perplexity_table(src: Path, work: Path, setup: T.Setup, task: T.Task, source
             if used in seen:  # an option the cut does not use gives the same model
                 continue
             seen.add(used)
-            flags = [f"--{k.replace('_', '-')} {v}" for k, v in zip(("residual", "layer_removal"), used) if v]
+            flags = [f"--{k.replace('_', '-')} {v}" for k, v in zip(OPTION_NAMES, used) if v]
             marks = [m for m, o in (("before", BEFORE), ("default", DEFAULT)) if effective(o, cut) == used]
             rows.append((f"subclone {cut_label} {' '.join(flags)} ({', '.join(marks) or 'option'})", "subclone", opts))
         for label, method, opts in rows:

@@ -120,6 +120,23 @@ def test_select_keeps_grouped_query_mapping(model_dir, tmp_path, kind):
     assert r["rel_error"] < 1e-5, r
 
 
+def test_contribution_ranking_keeps_the_units_that_write(model_dir, tmp_path):
+    """FFN units and heads whose output weights are zero are as active as any, but write nothing:
+    --unit-ranking contribution drops exactly them, ranking by activation keeps some of them."""
+    keep, q_keep = set(range(0, 112, 2)), {0, 1, 3, 4}
+    inert = _zero_units(model_dir("llama"), tmp_path / "inert", ffn_keep=keep, q_keep=q_keep)
+    dead = {}
+    for ranking in ("activation", "contribution"):
+        dst = tmp_path / ranking
+        _quiet(grow.shrink, inert, dst, method="subclone", ffn=56, heads=4, kv_heads=2, unit_ranking=ranking,
+               calibration_tokens=256)
+        w = load_file(str(dst / "model.safetensors"))
+        dead[ranking] = sum(int((w[f"model.layers.{i}.mlp.down_proj.weight"].abs().sum(0) == 0).sum()) +
+                            int((w[f"model.layers.{i}.self_attn.o_proj.weight"].abs().sum(0) == 0).sum()) for i in (0, 1))
+        assert json.loads((dst / "grow.json").read_text())["options"]["unit_ranking"] == ranking
+    assert dead["contribution"] == 0 and dead["activation"] > 10, dead
+
+
 def test_select_slices_fused_qkv_by_whole_heads(model_dir, tmp_path):
     src, dst = model_dir("gpt2"), tmp_path / "out"
     grow.shrink(src, dst, method="select", hidden=24, heads=2)
@@ -402,6 +419,10 @@ BAD = [
     ("llama", ["--layers", "1", "--layer-selection", "last"], "--layer-selection last is not one of"),
     ("llama", ["--method", "subclone", "--layers", "1", "--layer-selection", "first"], "--layer-selection does not apply"),
     ("llama", ["--method", "select", "--hidden", "36", "--scores", "x"], "--scores does not apply"),
+    ("llama", ["--method", "subclone", "--ffn", "56", "--unit-ranking", "x", "--calibration-tokens", "256"],
+     "--unit-ranking x is not one of activation, contribution"),
+    ("llama", ["--method", "subclone", "--layers", "1", "--layer-removal", "x", "--calibration-tokens", "256"],
+     "--layer-removal x is not one of influence, loss, middle"),
     ("llama", ["--method", "prune", "--hidden", "36"], "--method prune is not a way to shrink"),
 ]
 

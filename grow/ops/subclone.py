@@ -27,6 +27,7 @@ def middle_removed(n: int, k: int) -> list[int]:
 
 
 LAYER_REMOVAL = ("influence", "loss", "middle")
+UNIT_RANKING = ("activation", "contribution")
 RESIDUAL = ("pca", "activation")
 
 
@@ -43,7 +44,8 @@ def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[
 
 
 def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
-          layers=None, layer_removal: str = "influence", residual: str | None = None, calibration=None,
+          layers=None, layer_removal: str = "influence", residual: str | None = None,
+          unit_ranking: str = "activation", calibration=None,
           calibration_tokens=None, scores=None, seed: int = 0, dtype: str | None = None) -> Plan:
     """`importance` is measured by the caller (grow.api runs grow.calibrate), so that this builder
     stays a pure function; calibration, calibration_tokens and scores are only recorded."""
@@ -51,6 +53,8 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
     t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     imp = importance
     layer_src = kept_layers(imp, s["layers"], t["layers"], layer_removal)
+    if unit_ranking not in UNIT_RANKING:
+        raise UsageError(f"--unit-ranking {unit_ranking} is not one of {', '.join(UNIT_RANKING)}.")
     notes = [f"importance from {imp.inputs}"] + imp.notes
     residual = residual_method(view, residual, notes if t["hidden"] != s["hidden"] else [])
 
@@ -63,8 +67,9 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
     def layer_maps(layer: int) -> dict[str, WidthMap]:
         maps = dict(global_maps)
         if t["ffn"] != s["ffn"]:
-            maps["ffn"] = select(s["ffn"], top(imp.units[(layer, "ffn")], t["ffn"]), label=f"top {t['ffn']} of {s['ffn']}")
-        per_head = imp.head_scores(layer, s["head_dim"])
+            maps["ffn"] = select(s["ffn"], top(imp.unit_scores(layer, "ffn", unit_ranking), t["ffn"]),
+                                 label=f"top {t['ffn']} of {s['ffn']}")
+        per_head = imp.head_scores(layer, s["head_dim"], unit_ranking)
         group = s["heads"] // s["kv_heads"]
         kv, q = head_indices(
             s, t,
@@ -91,7 +96,7 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
         fan_in_scale=fan_in_scale, dtype=dtype, seed=seed, notes=notes,
         options={"calibration": None if calibration is None else str(calibration), "calibration_tokens": imp.tokens,
                  "scores": None if scores is None else str(scores), "seed": seed, "dtype": dtype,
-                 "layer_removal": layer_removal, "residual": residual,
+                 "layer_removal": layer_removal, "residual": residual, "unit_ranking": unit_ranking,
                  **{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers")}},
     )
     if t["hidden"] != s["hidden"] and residual == "pca":
