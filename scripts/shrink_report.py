@@ -142,19 +142,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path(".cache/shrink_report"),
                     help="folder for the models (the trained source is kept and reused)")
-    ap.add_argument("--finetune-steps", type=int, default=None, help="default: 200 (100 with --all-families)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default: 200 (60 with --all-families)")
     ap.add_argument("--quick", action="store_true", help="the test-sized model instead of the report-sized one")
     ap.add_argument("--skip-training", action="store_true", help="print the perplexity table only")
     ap.add_argument("--skip-perplexity", action="store_true", help="print the training table only")
     ap.add_argument("--all-families", action="store_true",
-                    help="the training claim on a small model of every family (the --finetune-steps default: 100)")
+                    help="the training claim on a small model of every family (the --finetune-steps default: 60)")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
     if args.all_families:
         start = time.time()
-        family_table(args.work / "families", 100 if args.finetune_steps is None else args.finetune_steps)
+        family_table(args.work / "families", 60 if args.finetune_steps is None else args.finetune_steps)
         print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
         return
     setup = T.TEST if args.quick else T.REPORT

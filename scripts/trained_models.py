@@ -130,7 +130,7 @@ def build_trained(folder: Path, setup: Setup = TEST, seed: int = 0) -> Path:
 
 # Sources of every family: 64 wide, 4 heads of 16 / 2 kv, FFN 128, 3 layers; shrunk to half the width,
 # heads and FFN (head_dim unchanged) and 2 layers. The test trains for fewer steps, measured on fewer windows.
-FAMILY = Setup(hidden=64, layers=3, heads=4, kv_heads=2, ffn=128, vocab=512, seq=64, batch=16, steps=300, lr=3e-3,
+FAMILY = Setup(hidden=64, layers=3, heads=4, kv_heads=2, ffn=128, vocab=512, seq=64, batch=16, steps=200, lr=3e-3,
                train_chars=600_000)
 FAMILY_TEST = Setup(**{**FAMILY.__dict__, "steps": 100, "eval_windows": 16})
 
