@@ -7,6 +7,8 @@ import queue
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -74,9 +76,9 @@ class Noise:
 class Split:
     """Copies along `axis` that read equal inputs become random element-wise pieces of their group's
     value that sum to it exactly in the output dtype (groups[j]: group id of a copy, -1 where position j
-    is not split). Each piece is its share 1/m plus noise at snr_db relative to that share, kept on the
-    grid of the value's own ulp and below its binade's top, so that the last piece, the remainder, is
-    representable too: the forward pass stays exact in any dtype while the copies' gradients differ."""
+    is not split). Each piece is its share 1/m plus zero-sum noise at snr_db relative to that share,
+    rounded to a multiple of the value's own ulp, so that every piece and the last, the remainder, are
+    representable: the forward pass stays exact in any dtype while the copies' gradients differ."""
 
     axis: int
     groups: torch.Tensor
@@ -186,6 +188,11 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
     if not (scales or fresh_axes or r.noise or r.split or r.scale != 1.0):
         return t.to(out_dtype)
+    if r.split is not None and not (scales or fresh_axes or r.noise or r.offset or r.scale != 1.0):
+        tiled = tiles(r.split.groups)
+        if tiled is not None:  # copies in whole runs: split in place, in the output dtype, on every core
+            t = t.to(out_dtype, copy=loaded)
+            return split_tiles_(t, r.split, *tiled, r.seed, workers=torch.get_num_threads())
     if r.offset:
         # scale and fill offset + stored, then store the result less the offset
         t = t.to(torch.float32, copy=True).add_(r.offset)
@@ -295,15 +302,13 @@ def _noise_std(t: torch.Tensor, r: TensorRecipe, scales, step: int) -> float:
 
 # (significand bits, exponent of the smallest subnormal) of the floating-point output dtypes
 _FORMATS = {torch.float32: (24, -149), torch.bfloat16: (8, -133), torch.float16: (11, -24)}
+SPLIT_BLOCK = 1 << 18  # values per working block of a split: its float32 temporaries stay in cache
 
 
 def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """Replace the copies of each group along split.axis (equal values V) by pieces that sum to V
-    exactly once written in `dtype`: all pieces but the last are V times a random share in [0, 1/(m-1)],
-    truncated to the grid of ulp(V) in `dtype`, so they have V's sign and at most its magnitude; the
-    last is V minus their sum, a multiple of that ulp between 0 and V, hence representable too.
-    Groups of one size m are gathered into a [..., groups, m] block, so the work is a few whole-tensor ops."""
-    bits, tiny = _FORMATS[dtype]
+    exactly once written in `dtype` (see _fill_pieces), for any grouping: groups of one size m are
+    gathered into a [..., groups, m] block. Tiled copies take the faster split_tiles_."""
     x = block.movedim(split.axis, -1)
     out = x.to(dtype).float()  # the values the pieces must sum to, as the output dtype holds them
     groups = split.groups.long()
@@ -316,16 +321,125 @@ def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: tor
     for m in size.unique().tolist():
         at = member[size == m]  # positions of the groups of m copies, group after group
         v = out.index_select(-1, at).unflatten(-1, (-1, m))
-        z = torch.randn(v.shape, generator=gen)
-        if m > 1:  # zero-sum noise over each group, its variance restored after centring
-            z = (z - z.mean(-1, keepdim=True)) * (m / (m - 1)) ** 0.5
-        share = (1 / m + z * (10 ** (-split.snr_db / 20) / m)).clamp_(0, 1 / max(m - 1, 1))
-        # ulp of V in the output dtype: V's power of two (its float32 exponent bits) times 2^(1 - bits)
-        ulp = (v.view(torch.int32) & 0x7F800000).view(torch.float32).mul_(2.0 ** (1 - bits)).clamp_(min=2.0 ** tiny)
-        pieces = torch.trunc(v * share / ulp).mul_(ulp)
-        pieces[..., -1] = v[..., -1] - pieces[..., :-1].sum(-1)  # exact: multiples of ulp(V) within V
-        out.index_copy_(-1, at, pieces.flatten(-2))
+        _fill_pieces(v[..., 0].contiguous(), v.unbind(-1), split.snr_db, dtype, gen)
+        out.index_copy_(-1, at, v.flatten(-2))
     return out.movedim(-1, split.axis)
+
+
+def tiles(groups: torch.Tensor) -> tuple[int, int, int] | None:
+    """(start, length, m) when the split positions are m adjacent runs of `length` positions whose k-th
+    positions form one group (HyperCloning's tiling, LEMON's whole copies), else None."""
+    member = torch.nonzero(groups >= 0).flatten()
+    if not member.numel():
+        return None
+    start, stop = int(member[0]), int(member[-1]) + 1
+    first = groups[start:stop]
+    length = int(torch.unique(first).numel())
+    if member.numel() != stop - start or (stop - start) % length or (stop - start) // length < 2:
+        return None
+    runs = first.view(-1, length)
+    return (start, length, runs.shape[0]) if bool((runs == runs[:1]).all()) else None
+
+
+def split_tiles_(t: torch.Tensor, split: Split, start: int, length: int, m: int, seed: int, workers: int = 1) -> torch.Tensor:
+    """split_pieces for tiled copies, in place on t (already in the output dtype): the copies are m
+    strided views of t, cut into blocks of SPLIT_BLOCK values that `workers` threads share. Block k
+    draws from a generator seeded by (seed, k), so the result does not depend on the threads."""
+    dtype = t.dtype
+    axis = split.axis
+    copies = [t.narrow(axis, start + c * length, length) for c in range(m)]
+    # blocks along axis 0: rows of the copies, or (when the copies are rows) runs of rows of each copy
+    rows = copies[0].shape[0] if t.dim() else 1
+    per_row = max(1, copies[0].numel() // max(rows, 1))
+    step = max(1, SPLIT_BLOCK // per_row)
+    starts = list(range(0, rows, step))
+
+    def run(k: int) -> None:
+        a = starts[k]
+        views = [c[a:a + step] for c in copies] if t.dim() else copies
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)
+        _fill_pieces(views[0].to(torch.float32, copy=True), views, split.snr_db, dtype, gen)
+
+    if workers > 1 and len(starts) > 1:
+        with single_threaded_ops():
+            pool = ThreadPoolExecutor(workers)
+            try:
+                list(pool.map(run, range(len(starts))))
+            finally:
+                pool.shutdown()
+    else:
+        for k in range(len(starts)):
+            run(k)
+    return t
+
+
+@contextmanager
+def single_threaded_ops():
+    """torch ops on one thread each while threads of our own share the work (an intra-op thread team
+    that waits for a busy core stalls every op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype, gen: torch.Generator) -> None:
+    """Write into the m `copies` pieces that sum to `value` (float32, holding values of `dtype`) exactly
+    in `dtype`. Piece c is the remainder so far times a random ratio, rounded to a multiple of the ulp of
+    the value in `dtype`, so that every piece lies between 0 and the value: a multiple of that ulp no
+    larger than the value is representable, and so is each remainder. The shares are 1/m plus zero-sum
+    uniform noise of standard deviation 10^(-snr/20)/m (clipped to [0, 1]; a share larger than what is
+    left takes all of it); the last piece is the remainder."""
+    m = len(copies)
+    shares = _shares(value.shape, m, snr_db, gen)
+    to_grid = _grid(value, dtype)
+    rest, left = value, None  # what is still to give out, and its share of the value
+    for c in range(m - 1):
+        if left is None:
+            ratio, left = shares[c], (1 - shares[c] if m > 2 else None)
+        else:
+            ratio, left = (shares[c] / left).nan_to_num_(0.0).clamp_(0, 1), left - shares[c]
+        piece = to_grid(ratio.mul_(rest))
+        copies[c].copy_(piece)
+        rest.sub_(piece)
+    copies[m - 1].copy_(rest)
+
+
+def _shares(shape, m: int, snr_db: float, gen: torch.Generator) -> list[torch.Tensor]:
+    """The random shares of the first m - 1 pieces (float32 tensors of `shape`), 16 random bits each."""
+    sigma = 10 ** (-snr_db / 20)
+    n = 1
+    for s in shape:
+        n *= s
+    draws = n * (1 if m == 2 else m)  # two pieces: one draw (the other share is what is left)
+    bits = torch.empty((draws + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=gen)
+    u = bits.view(torch.int16)[:draws].float().view(-1, *shape)  # uniform on [-32768, 32767]
+    # (u + 0.5) / 32768 is uniform on (-1, 1) with variance 1/3: times sqrt(3), unit variance
+    unit = 3 ** 0.5 / 32768
+    if m == 2:
+        share = u[0].mul_(sigma / 2 * unit).add_(0.5 + sigma / 2 * unit * 0.5)
+        return [share.clamp_(0, 1) if sigma / 2 * 3 ** 0.5 > 0.5 else share]
+    z = u.add_(0.5).mul_(unit)
+    z.sub_(z.mean(0, keepdim=True)).mul_((m / (m - 1)) ** 0.5)  # centred over the group, variance restored
+    return list(z.mul_(sigma / m).add_(1 / m).clamp_(0, 1).unbind(0))[: m - 1]
+
+
+def _grid(value: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function rounding, in place, numbers between 0 and `value` to multiples of the ulp that the
+    value has in `dtype` (between 0 and the value too: both ends are multiples)."""
+    bits, tiny = _FORMATS[dtype]
+    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000)  # the value's power of two, as float32 bits
+    emin = (tiny + bits - 1 + 127) << 23  # below the smallest normal of dtype the ulp stays the subnormal step
+    if bits < 24 and int(exponent.max()) <= (230 + bits) << 23:
+        # 16-bit formats: adding C = 1.5 * 2^23 * ulp rounds to a multiple of the ulp (C + x stays in C's
+        # binade, whose float32 step is that ulp); C is finite for values below 2^(104 + bits)
+        magic = exponent.clamp_(min=emin).add_(((24 - bits) << 23) + (1 << 22)).view(torch.float32)
+        return lambda x: x.add_(magic).sub_(magic)
+    # float32 (or huge values): truncate x / ulp through int32 (exact: x / ulp < 2^24)
+    ulp = exponent.clamp_(min=emin).view(torch.float32).mul_(2.0 ** (1 - bits))
+    return lambda x: x.copy_(x.div_(ulp).int()).mul_(ulp)
 
 
 def zero_sum_noise(shape, noise: Noise, std: float, gen: torch.Generator) -> torch.Tensor:
@@ -445,7 +559,6 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         record["target"]["files"] = files
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(plan, source))
-    source.close()
     return {"seconds": time.perf_counter() - start, "files": files, "bytes": plan.nbytes}
 
 

@@ -135,17 +135,36 @@ def test_source_reads_every_dtype_exactly(tmp_path):
     source.close()
 
 
+def _split_both_ways(w: torch.Tensor, copies: int, dtype, axis: int, tiled: bool):
+    """w's columns (rows with axis 0) repeated `copies` times plus one position in no group, split by the
+    general path (split_pieces, float32 out) or in place by the tiled one (split_tiles_, two threads)."""
+    block = torch.cat([w.repeat(1, copies), w[:, :1]], 1)
+    groups = torch.cat([torch.arange(w.shape[1]).repeat(copies), torch.tensor([-1])])
+    if axis == 0:
+        block = block.T.contiguous()
+    split = Split(axis, groups, 10.0)
+    if not tiled:
+        out = split_pieces(block.clone(), split, dtype, torch.Generator().manual_seed(1))
+    else:
+        assert plan.tiles(groups) == (0, w.shape[1], copies)
+        out = plan.split_tiles_(block.to(dtype), split, *plan.tiles(groups), seed=1, workers=2)
+        assert out.dtype == dtype
+        out = out.float()
+    return out.T if axis == 0 else out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("copies", [2, 3])
-def test_split_pieces_sum_exactly_in_the_output_dtype(dtype, copies):
+@pytest.mark.parametrize("axis,tiled", [(1, False), (1, True), (0, True)])
+def test_split_pieces_sum_exactly_in_the_output_dtype(monkeypatch, dtype, copies, axis, tiled):
     """Every piece is representable and the pieces of a group add up to the value bit for bit, over
     magnitudes from subnormal-adjacent to large; a position in no group keeps its value."""
+    monkeypatch.setattr(plan, "SPLIT_BLOCK", 64)  # several blocks, shared by the threads
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(32, 40, generator=gen) * torch.logspace(-7, 3, 40)).to(dtype).float()
     w[0, 0] = 0.0
-    block = torch.cat([w.repeat(1, copies), w[:, :1]], 1)  # plus one position that is not split
-    groups = torch.cat([torch.arange(40).repeat(copies), torch.tensor([-1])])
-    pieces = split_pieces(block.clone(), Split(1, groups, 10.0), dtype, torch.Generator().manual_seed(1))
+    w[1, 1] = torch.finfo(dtype).tiny * 0.5 if dtype != torch.float32 else 2.0 ** -140  # a subnormal
+    pieces = _split_both_ways(w, copies, dtype, axis, tiled)
     assert torch.equal(pieces.to(dtype).float(), pieces)
     total = sum(pieces[:, c * 40:(c + 1) * 40] for c in range(copies))
     assert torch.equal(total, w)
@@ -153,3 +172,22 @@ def test_split_pieces_sum_exactly_in_the_output_dtype(dtype, copies):
     assert not torch.equal(pieces[:, :40], pieces[:, 40:80])  # the copies differ
     share = pieces[:, :40] / w.where(w != 0, torch.ones(()))
     assert share.min() >= 0 and share.max() <= 1  # each piece has W's sign and at most its magnitude
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_split_noise_has_the_asked_snr(copies):
+    """Each piece is its share 1/m of the value plus noise 10 dB below that share (std 1/sqrt(10) of it)."""
+    w = torch.ones(400, 500)
+    pieces = _split_both_ways(w, copies, torch.float32, 1, True)[:, :500]
+    relative = pieces * copies - 1  # noise over the share
+    assert abs(relative.mean().item()) < 0.01
+    assert relative.std().item() == pytest.approx(10 ** -0.5, rel=0.03)
+
+
+def test_tiled_split_does_not_depend_on_the_threads(monkeypatch):
+    monkeypatch.setattr(plan, "SPLIT_BLOCK", 50)
+    w = torch.randn(64, 30, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    groups = torch.arange(30).repeat(2)
+    outs = [plan.split_tiles_(w.repeat(1, 2), Split(1, groups, 10.0), 0, 30, 2, seed=5, workers=k) for k in (1, 2)]
+    assert torch.equal(outs[0], outs[1])
+    assert plan.tiles(torch.tensor([0, 1, 1, 0])) is None and plan.tiles(torch.tensor([0, 1, -1, 0, 1])) is None
