@@ -87,17 +87,20 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
     shard_bytes = parse_size(shard_size)
     source = Source(src)
-    view = ModelView(source)
-    _check_operation(view, operation, method)
-    if view.spec.single_file:
-        shard_bytes = None
-    start = time.perf_counter()  # the reported seconds include calibration
-    plan = _build(methods[method], view, method, options, progress, device)
-    plan.check_rounding(source)
-    result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
-    if dry_run:
-        return result
-    stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress)
+    try:
+        view = ModelView(source)
+        _check_operation(view, operation, method)
+        if view.spec.single_file:
+            shard_bytes = None
+        start = time.perf_counter()  # the reported seconds include calibration
+        plan = _build(methods[method], view, method, options, progress, device)
+        plan.check_rounding(source)
+        result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
+        if dry_run:
+            return result
+        stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress)
+    finally:
+        source.close()  # calibration and the executor read through it
     result.update(
         target=str(Path(dst).resolve()),
         target_parameters=plan.num_parameters,

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,6 +181,7 @@ class Source:
         self.config = self._read_config()
         self.tensors = self._read_index()
         self._handles: dict = {}
+        self._lock = threading.Lock()
 
     def inside(self, path: Path, named_by: str | None = None) -> Path:
         """`path` if it (followed through links) lies inside the checkpoint, else one sentence."""
@@ -271,9 +273,10 @@ class Source:
     def _read(self, info: TensorInfo, at: int, nbytes: int) -> torch.Tensor:
         import torch
 
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
+        with self._lock:  # the reading thread and the builder (a tensor no recipe lists) both read
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
         data = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(data.numpy())
         done = 0

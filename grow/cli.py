@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 import traceback
 import warnings
@@ -81,7 +82,8 @@ def handled(fn):
             _fail(str(e), e.exit_code, kwargs)
         except KeyboardInterrupt as e:
             kept = str(e) if isinstance(e, Interrupted) else "nothing was written"
-            _fail(f"interrupted; {kept}.", 130, kwargs, prefix="")
+            how, code = ("terminated", 143) if _terminated else ("interrupted", 130)
+            _fail(f"{how}; {kept}.", code, kwargs, prefix="")
 
     return wrapper
 
@@ -412,5 +414,16 @@ def run_cmd(
         (_render_verification if r["command"] == "verify" else _render_operation)(r)
 
 
+_terminated: list[int] = []  # the SIGTERM that stopped the run, if one did
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a job scheduler, `kill`) stops grow the way Ctrl-C does: the half-written output is
+    removed; the exit code is 143, as for a process killed by SIGTERM."""
+    _terminated.append(signum)
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()

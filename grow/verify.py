@@ -143,6 +143,14 @@ def verify(src, dst, *, tol: float = DEFAULT_TOL, seed: int = 0, device="cpu", l
     text, and the target run in its own dtype."""
     dev = resolve_device(device)
     source, target = Source(src), Source(dst)
+    try:
+        return _verify(source, target, tol=tol, seed=seed, dev=dev, loss_tokens=loss_tokens, progress=progress)
+    finally:  # the layer loaders read both checkpoints through these
+        source.close()
+        target.close()
+
+
+def _verify(source: Source, target: Source, *, tol: float, seed: int, dev, loss_tokens: int, progress) -> dict:
     spec = spec_for(source.config, str(source.path / "config.json"))
     framework = spec.framework
     entry = spec.model_entry(architecture_name(source.config)) if framework == "transformers" else {}

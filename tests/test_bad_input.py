@@ -170,7 +170,9 @@ def big_src(tmp_path_factory):
     return path
 
 
-def test_ctrl_c_leaves_nothing(big_src, tmp_path):
+@pytest.mark.parametrize("sig,code,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_leaves_nothing(big_src, tmp_path, sig, code, word):
+    """Ctrl-C, or SIGTERM from a job scheduler or `kill`, while grow writes: no half-written folder stays."""
     before = digest(big_src)
     dst = tmp_path / "out"
     proc = _cli("expand", big_src, dst, "--factor", "3")
@@ -178,10 +180,10 @@ def test_ctrl_c_leaves_nothing(big_src, tmp_path):
     while not leftovers(tmp_path) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
     assert leftovers(tmp_path), "the run never started writing"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
+    assert proc.returncode == code, err
+    assert word in err and "Traceback" not in err
     assert not dst.exists() and not leftovers(tmp_path)
     assert digest(big_src) == before
 

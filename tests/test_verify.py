@@ -1,7 +1,9 @@
 """grow verify runs both models layer by layer: the same verdicts as whole models, memory bounded by a
 module, the error after every layer (naming where a broken output parts), and a run in the output's dtype."""
 
+import gc
 import json
+import warnings
 
 import pytest
 import torch
@@ -97,3 +99,13 @@ def test_cuda_is_refused_without_a_gpu(model_dir, tmp_path):
         pytest.skip("a GPU is present")
     r = runner.invoke(app, ["verify", str(model_dir("llama")), str(model_dir("llama")), "--device", "cuda"])
     assert r.exit_code == 2 and "--device cuda" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_expand_with_verify_closes_every_file(model_dir, tmp_path, kind):
+    """grow expand --verify reads both checkpoints; every file it opened is closed when it returns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        grow.expand(model_dir(kind), tmp_path / "out", factor=2, verify=True)
+        gc.collect()
+    assert not [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
