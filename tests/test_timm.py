@@ -202,7 +202,7 @@ def test_convnext_select_and_stack(model_dir, tmp_path):
     (lambda src: grow.expand(src, method="msg", layers=12, dry_run=True), "cannot expand.*--method msg; it can"),
     (lambda src: grow.shrink(src, method="subclone", hidden=12, dry_run=True), "shrink --method select"),
     (lambda src: grow.upcycle(src, dry_run=True), "cannot upcycle"),
-    (lambda src: grow.expand(src, factor=2, ffn_factor=3, dry_run=True), "always 4 \* hidden0.*leave out --ffn-factor"),
+    (lambda src: grow.expand(src, factor=2, ffn_factor=3, dry_run=True), r"always 4 \* hidden0.*leave out --ffn-factor"),
     (lambda src: grow.shrink(src, method="select", hidden=10, dry_run=True), "fractional"),
     (lambda src: grow.shrink(src, method="select", ffn=10, dry_run=True), "--ffn does not apply"),
     (lambda src: grow.expand(src, method="lemon", layers=[1, 2, 3, 2], dry_run=True), "stage 2 has 4"),
