@@ -147,3 +147,27 @@ def test_stacking_loads_and_beats_random(model_dir, tmp_path):
     report = grow.expand(model_dir("bert_mlm"), tmp_path / "g", method="stack", layers=4, verify=True)["verification"]
     assert report["exact_expected"] is False and report["beats_random_init"], report
     assert len(load_clean(tmp_path / "g").bert.encoder.layer) == 4
+
+
+def test_legacy_gamma_beta_layernorm_names(model_dir, tmp_path):
+    """Old BERT checkpoints name LayerNorm parameters gamma and beta, which transformers renames when it
+    loads; grow reads them so too, and writes the current names."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "legacy"
+    shutil.copytree(model_dir("bert_mlm"), src)
+    tensors = load_file(src / "model.safetensors")
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in tensors.items()}
+    assert sum(k.endswith(("LayerNorm.gamma", "LayerNorm.beta")) for k in legacy) >= 6
+    save_file(legacy, src / "model.safetensors", metadata={"format": "pt"})
+    torch.testing.assert_close(outputs(src), outputs(model_dir("bert_mlm")), rtol=0, atol=0)  # transformers reads them
+    for method, options in (("hypercloning", dict(factor=2)), ("lemon", dict(layers=3))):
+        dst = tmp_path / method
+        report = grow.expand(src, dst, method=method, verify=True, **options)["verification"]
+        assert report["passed"] and report["rel_error"] <= 1e-4, report
+        names = load_file(dst / "model.safetensors").keys()
+        assert "bert.embeddings.LayerNorm.weight" in names and not any(n.endswith(("gamma", "beta")) for n in names)
+        load_clean(dst)

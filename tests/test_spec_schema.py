@@ -106,6 +106,10 @@ def _last_mirror_unstaged(d):
     d["sizes"]["hidden"]["last_mirror"] = ["num_features"]
 
 
+def _legacy_unknown(d):
+    d["legacy_names"] = {"norm.gamma": "norm.scale"}
+
+
 CASES = [
     (_llama, _typo_top, "unknown key per_layers"),
     (_llama, _typo_size, "unknown key sizes.ffn.kye"),
@@ -124,6 +128,7 @@ CASES = [
     (_convnext, _stage_without_depth, "sizes.layers{s}: missing; a spec with stages defines hidden{s} and layers{s}"),
     (_convnext, _stage_typo, "(stages.2.blocks.{i}.mlp.fc2.weight).axes: unknown space fnn2"),
     (_convnext, _no_stages, "stages: Input should be greater than or equal to 1"),
+    (_llama, _legacy_unknown, "legacy_names.norm.gamma: no tensor name ends in norm.scale"),
     (_llama, _last_mirror_unstaged, "sizes.hidden.last_mirror: only a size written with {s}"),
 ]
 

@@ -192,6 +192,9 @@ class Spec(_Strict):
     fused_experts: Optional[FusedExperts] = None  # how transformers 5 holds the per-expert tensors in memory
     # module path -> checkpoint tensor, where a framework version keeps a tensor under another name
     renamed: dict[str, str] = {}
+    # an old checkpoint's tensor-name ending -> the ending the framework renames it to when it loads
+    # (transformers' legacy LayerNorm.gamma / .beta); grow reads the old names and writes the current ones
+    legacy_names: dict[str, str] = {}
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,8 @@ def _references(spec: Spec, required=REQUIRED_SIZES) -> list[str]:
         out += [f"fused_experts.experts.{p}: {v} is not one of the tensors"
                 for p, v in spec.fused_experts.experts.model_dump().items() if v not in names]
     out += [f"renamed.{path}: {name} is not one of the tensors" for path, name in spec.renamed.items() if name not in names]
+    out += [f"legacy_names.{old}: no tensor name ends in {new}" for old, new in spec.legacy_names.items()
+            if not any(n.endswith(new) for n in names)]
     fmt = spec.moe_format
     if fmt is not None:
         patterns = {"router": fmt.router, **{f"expert.{p}": v for p, v in fmt.expert.model_dump().items()}}

@@ -158,6 +158,13 @@ class ArchSpec:
         data["ignore"] = [i.removeprefix(p) for i in data.get("ignore", [])]
         return ArchSpec(data, self.file, module_prefix="" if self.model_entry(architecture)["base_model"] else p)
 
+    def current_name(self, name: str) -> str:
+        """A tensor name as the framework reads it: an old checkpoint's ending (spec legacy_names) renamed."""
+        for old, new in self.model.legacy_names.items():
+            if name.endswith(old):
+                return name[: -len(old)] + new
+        return name
+
     def module_path(self, name: str) -> str:
         """Where a tensor (or the module named by a tensor name without its suffix) lives in the model."""
         return self.module_prefix + name

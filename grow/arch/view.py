@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..checkpoint import Source, TensorInfo
@@ -33,6 +34,11 @@ class ModelView:
         self.config = source.config
         where = str(source.path / "config.json")
         spec = spec_for(self.config, where)
+        for info in list(source.tensors.values()):  # old names (BERT's LayerNorm.gamma) read as the framework reads them
+            current = spec.current_name(info.name)
+            if current != info.name and current not in source.tensors:
+                source.tensors[current] = dataclasses.replace(info, name=current)
+                del source.tensors[info.name]
         self.spec: ArchSpec = spec.for_names(source.tensors, architecture_name(self.config))
         self.sizes = self.spec.read_sizes(self.config, built_sizes(self.spec, self.config, where))
         self.tied = self.spec.tied(self.config)
