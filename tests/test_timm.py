@@ -10,7 +10,7 @@ import timm
 import torch
 
 import grow
-from grow.errors import UsageError
+from grow.errors import GrowError, UsageError
 from grow.verify import compare, load_model, run, sample_inputs
 
 TIMM = ["vit_defaults", "deit_distilled", "vit_reg"]
@@ -210,3 +210,13 @@ def test_convnext_select_and_stack(model_dir, tmp_path):
 def test_convnext_refusals(model_dir, call, message):
     with pytest.raises(UsageError, match=message):
         call(model_dir("convnext"))
+
+
+def test_convnext_variant_with_a_1x1_conv_mlp_is_named(tmp_path):
+    """The small ConvNeXts (conv_mlp) hold their MLP as 1x1 convolutions: refused, naming the tensor."""
+    from tiny_models import SMALL_IMAGES, save_timm
+
+    src = save_timm("test_convnext", tmp_path / "conv_mlp", conv_mlp=True, data_config=SMALL_IMAGES)
+    with pytest.raises(GrowError, match=r"mlp.fc1.weight in model.safetensors has 4 axes \[96, 24, 1, 1\] where the "
+                                        "timm_convnext layout grow knows has 2; .* timm_convnext.yaml does not describe"):
+        grow.inspect(src)

@@ -68,6 +68,12 @@ class ModelView:
                     f"tensor {e.name} belongs to layer {e.layer}, but config.json says the model has {layers} layers"
                     f"{self.spec.layers_label(e.spec.layer_size)}; fix config.json or the checkpoint."
                 )
+            if len(e.spec.axes) != len(e.info.shape):  # a layout of its own, not a size the config got wrong
+                raise GrowError(
+                    f"tensor {e.name} in {e.info.file.name} has {len(e.info.shape)} axes {list(e.info.shape)} where the "
+                    f"{self.spec.family} layout grow knows has {len(e.spec.axes)}; the checkpoint is a variant that "
+                    f"{self.spec.file.name} does not describe."
+                )
             expected = self.expected_shape(e.spec, e.info.shape)
             if expected != e.info.shape:
                 raise GrowError(
@@ -98,8 +104,6 @@ class ModelView:
 
     def expected_shape(self, spec: TensorSpec, actual: tuple[int, ...], sizes: dict[str, int] | None = None) -> tuple[int, ...]:
         sizes = sizes or self.sizes
-        if len(spec.axes) != len(actual):
-            return tuple(self.spec.axis_size(a, sizes) or -1 for a in spec.axes)
         return tuple(
             self.spec.axis_size(spaces, sizes) or actual[k]  # "fixed" axes keep the checkpoint's size
             for k, spaces in enumerate(spec.axes)
