@@ -220,3 +220,14 @@ def test_convnext_variant_with_a_1x1_conv_mlp_is_named(tmp_path):
     with pytest.raises(GrowError, match=r"mlp.fc1.weight in model.safetensors has 4 axes \[96, 24, 1, 1\] where the "
                                         "timm_convnext layout grow knows has 2; .* timm_convnext.yaml does not describe"):
         grow.inspect(src)
+
+
+def test_convnext_outputs_remade_from_their_grow_json(model_dir, tmp_path):
+    """grow.json records the per-stage sizes as options that grow takes again (one depth / width per stage)."""
+    src = model_dir("convnext")
+    for method, make in (("lemon", lambda dst: grow.expand(src, dst, method="lemon", layers=14)),
+                         ("select", lambda dst: grow.shrink(src, dst, method="select", hidden=12, layers=5))):
+        first, again = tmp_path / method, tmp_path / f"{method}_again"
+        make(first)
+        grow.run(first / "grow.json", dst=again)
+        assert (first / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()

@@ -119,7 +119,8 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
     return Plan(
         operation="expand", method="lemon", exact=True, architecture=view.architecture, config=config,
         recipes=recipes, source_sizes=s, target_sizes=t, notes=notes, stats={"symmetry_breaking": how},
-        options={**{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", *view.spec.layer_groups) if k in t},
+        options={**{k: t[k] for k in ("hidden", "ffn", "heads", "kv_heads", "layers") if k in t},
+                 **({"layers": [t[g] for g in plans]} if view.spec.stages else {}),  # one depth per stage
                  "split": split, "noise_snr_db": snr, "seed": seed, "dtype": dtype},
     )
 

@@ -89,5 +89,5 @@ def _staged(view: ModelView, t: dict[str, int], layer_selection: str, how: str, 
         view, t, method="select", layer_src=layer_src, layer_maps=lambda _layer: maps, global_maps=maps,
         dtype=dtype, seed=seed, notes=notes,
         options={"layer_selection": layer_selection, "element_selection": how, "seed": seed, "dtype": dtype,
-                 **{k: t[k] for kind in ("hidden", "layers") for k in view.spec.spaces_of(kind)}},
+                 **{kind: [t[k] for k in view.spec.spaces_of(kind)] for kind in ("hidden", "layers")}},
     )
