@@ -355,7 +355,7 @@ def shrink_and_train(src: Path, work: Path, name: str, data: FamilyData, setup: 
     from grow.checkpoint import Source
     from grow.errors import GrowWarning
     from grow.ops import SHRINK_METHODS
-    from grow.verify import load_model, random_model_like
+    from grow.verify import load_model
 
     family = FAMILIES[name]
     task = family_task(name, data)
@@ -376,8 +376,26 @@ def shrink_and_train(src: Path, work: Path, name: str, data: FamilyData, setup: 
         start = loss(model, task)
         train(model, task, setup, steps, seed=1)
         losses[method] = (start, loss(model, task))
-    model = random_model_like(dst, framework, seed=1)
+    model = random_init_like(dst, framework, seed=1)
     start = loss(model, task)
     train(model, task, setup, steps, seed=1)
     losses["random"] = (start, loss(model, task))
     return losses
+
+
+def random_init_like(path: Path, framework: str, seed: int):
+    """A freshly initialised model of the checkpoint's shape and class (the framework's own initialisation)."""
+    import json
+
+    from grow.verify import model_entry
+
+    torch.manual_seed(seed)
+    if framework == "timm":
+        import timm
+
+        cfg = json.loads((path / "config.json").read_text())
+        return timm.create_model(cfg["architecture"], pretrained=False, **cfg.get("model_args", {})).float()
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    return getattr(transformers, model_entry(path)["auto_class"]).from_config(config, dtype=torch.float32)
