@@ -87,34 +87,39 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
     shard_bytes = parse_size(shard_size)
     source = Source(src)
+    written = False  # from here on an interrupt leaves the output complete, and says so
     try:
-        view = ModelView(source)
-        _check_operation(view, operation, method)
-        if view.spec.single_file:
-            shard_bytes = None
-        start = time.perf_counter()  # the reported seconds include calibration
-        plan = _build(methods[method], view, method, options, progress, device)
-        plan.check_rounding(source)
-        result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
-        if dry_run:
-            return result
-        stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress)
-    finally:
-        source.close()  # calibration and the executor read through it
-    result.update(
-        target=str(Path(dst).resolve()),
-        target_parameters=plan.num_parameters,
-        seconds=time.perf_counter() - start,
-        bytes_written=stats["bytes"],
-        files=stats["files"],
-        peak_rss_bytes=peak_rss_bytes(),
-    )
-    del result["plan"]["tensors"]
-    if verify:
         try:
+            view = ModelView(source)
+            _check_operation(view, operation, method)
+            if view.spec.single_file:
+                shard_bytes = None
+            start = time.perf_counter()  # the reported seconds include calibration
+            plan = _build(methods[method], view, method, options, progress, device)
+            plan.check_rounding(source)
+            result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
+            if dry_run:
+                return result
+            stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress)
+            written = True
+        finally:
+            source.close()  # calibration and the executor read through it
+        result.update(
+            target=str(Path(dst).resolve()),
+            target_parameters=plan.num_parameters,
+            seconds=time.perf_counter() - start,
+            bytes_written=stats["bytes"],
+            files=stats["files"],
+            peak_rss_bytes=peak_rss_bytes(),
+        )
+        del result["plan"]["tensors"]
+        if verify:
             result["verification"] = _verify(source.path, dst, tol=tol, device=device, progress=progress)
-        except KeyboardInterrupt:
-            raise Interrupted(f"{result['target']} is complete; only its verification was cut short") from None
+    except KeyboardInterrupt:
+        if not written:
+            raise
+        cut = "; only its verification was cut short" if verify else ""
+        raise Interrupted(f"{Path(dst).resolve()} is complete{cut}") from None
     return result
 
 

@@ -152,8 +152,10 @@ def test_target_inside_source(src):
 
 def _cli(*args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # as from a terminal: a suite started in the background (`make test &`) passes Ctrl-C on as ignored
+    restore_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     return subprocess.Popen([sys.executable, "-m", "grow", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=restore_ctrl_c, **kw)
 
 
 @pytest.fixture(scope="module")
