@@ -70,6 +70,8 @@ def test_new_layers_are_identity_blocks(model_dir, tmp_path):
     for i in new:
         assert not w[f"model.layers.{i}.mlp.down_proj.weight"].any()
         assert w[f"model.layers.{i}.mlp.up_proj.weight"].any()  # the rest is a copy that can learn
+    recipe = json.loads((dst / "grow.json").read_text())  # nothing widened: no copies side by side to tell apart
+    assert recipe["stats"]["symmetry_breaking"] == "none needed" and not any("pieces" in n for n in recipe["notes"])
 
 
 def test_mix_makes_weighted_sums_of_source_positions():

@@ -107,7 +107,9 @@ def build(view: ModelView, *, hidden=None, ffn=None, heads=None, kv_heads=None, 
 
     config = depth_config(view, target_config(view, t, dtype), [j for j, _ in plans.get("layers", [])])
     how, note = symmetry_breaking(snr, column_split=split == "column")
-    notes = [note] + [
+    if all(t[k] == s[k] for k in t if not k.startswith("layers")):  # depth only: no unit has a copy beside it
+        how, note = "none needed", None
+    notes = [note] * (note is not None) + [
         f"{t[group] - s[group]} new layers{view.spec.layers_label(group)} (copies with zero residual writers) among "
         f"the {s[group]} source layers: target layer i comes from source layer "
         f"{[j if not new else f'{j}*' for j, new in layer_plan]} (* new)."
