@@ -60,8 +60,17 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
         options["importance"] = calibrate.importance(
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
             scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device,
-            layer_loss=options.get("layer_removal") == "loss" and options.get("layers") is not None)
+            layer_loss=_wants_layer_loss(view, options))
     return builder(view, **options)
+
+
+def _wants_layer_loss(view: ModelView, options: dict) -> bool:
+    """Whether subcloning removes layers by skip loss (measured only then: one more pass per layer)."""
+    from .ops.subclone import layer_removal_method
+
+    layers = options.get("layers")
+    cut = isinstance(layers, int) and 0 < layers < view.sizes.get("layers", 0)
+    return cut and layer_removal_method(view, options.get("layer_removal"), []) == "loss"
 
 
 def _check_operation(view: ModelView, operation: str, method: str) -> None:

@@ -223,8 +223,7 @@ def skip_losses(view: ModelView, inputs: torch.Tensor, progress=None, device="cp
     runs module by module as in calibration, once for the reference and once per layer, over chunks
     of the batch small enough that two outputs stay within SKIP_OUTPUT_BYTES: bounded memory,
     (layers + 1) passes of compute. progress("layer losses", passes done, passes)."""
-    entry = view.spec.model_entry(view.architecture)
-    if view.spec.framework != "timm" and entry.get("output", "logits") != "logits":
+    if not outputs_distribution(view):
         raise UsageError(f"--layer-removal loss needs an output head, and a {view.architecture} checkpoint has none; "
                          "use --layer-removal influence.")
     runner = Runner(view, device=resolve_device(device))
@@ -251,6 +250,11 @@ def skip_losses(view: ModelView, inputs: torch.Tensor, progress=None, device="cp
     finally:
         runner.close()
     return (total / max(count, 1)).to(torch.float32)
+
+
+def outputs_distribution(view: ModelView) -> bool:
+    """Whether the model's output is logits (a language-model head or a classifier), not hidden states."""
+    return view.spec.framework == "timm" or view.spec.model_entry(view.architecture).get("output", "logits") == "logits"
 
 
 def _pass_input_through(_module, args, kwargs, output):

@@ -302,9 +302,10 @@ def shrink(
     calibration_tokens: Annotated[Optional[int], _int("subclone: calibration tokens (default 8192).")] = None,
     scores: Annotated[Optional[str], _text("subclone: importance scores file, reused if it exists, else written.",
                                            "FILE")] = None,
-    layer_removal: Annotated[Optional[str], _text("subclone: influence (default: the layers that change the residual "
-                                                  "least), loss (those whose skipping changes the output least, "
-                                                  "one more pass per layer) or middle.", "HOW")] = None,
+    layer_removal: Annotated[Optional[str], _text("subclone: loss (default: the layers whose skipping changes the "
+                                                  "output least; one more calibration pass per layer), influence "
+                                                  "(those that change the residual least; one pass) or middle.",
+                                                  "HOW")] = None,
     residual: Annotated[Optional[str], _text("subclone: pca (default for RMSNorm models: rotate the residual onto its "
                                              "principal directions, then cut) or activation (keep the most active dims).",
                                              "HOW")] = None,

@@ -233,17 +233,23 @@ def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, t
 
 
 def test_layer_loss_scores_are_added_to_a_scores_file(model_dir, tmp_path):
-    """A scores file written without skip losses gets them when --layer-removal loss needs them; a bare
-    encoder, whose output is no distribution, is refused."""
+    """A scores file written without skip losses gets them when --layer-removal loss (the default) needs
+    them; a bare encoder, whose output is no distribution, is refused, and by default falls back to influence."""
     src, scores = model_dir("qwen2"), tmp_path / "s.safetensors"
-    _quiet(grow.shrink, src, tmp_path / "a", method="subclone", layers=1, calibration_tokens=256, scores=scores)
+    _quiet(grow.shrink, src, tmp_path / "a", method="subclone", layers=1, calibration_tokens=256, scores=scores,
+           layer_removal="influence")
     assert calibrate.load(scores, ModelView(Source(src))).skip_loss is None
-    _quiet(grow.shrink, src, tmp_path / "b", method="subclone", layers=1, calibration_tokens=256, scores=scores,
-           layer_removal="loss")
+    result = _quiet(grow.shrink, src, tmp_path / "b", method="subclone", layers=1, calibration_tokens=256,
+                    scores=scores)  # the default
+    assert json.loads((tmp_path / "b" / "grow.json").read_text())["options"]["layer_removal"] == "loss"
     assert calibrate.load(scores, ModelView(Source(src))).skip_loss.shape == (2,)
     with pytest.raises(grow.UsageError, match="--layer-removal loss needs an output head, and a BertModel"):
         _quiet(grow.shrink, model_dir("bert"), tmp_path / "c", method="subclone", layers=1, calibration_tokens=256,
                layer_removal="loss")
+    result = _quiet(grow.shrink, model_dir("bert"), tmp_path / "d", method="subclone", layers=1,
+                    calibration_tokens=256)
+    assert json.loads((tmp_path / "d" / "grow.json").read_text())["options"]["layer_removal"] == "influence"
+    assert any("layers removed by block influence: the output is hidden states" in n for n in result["plan"]["notes"])
 
 
 def _residual_in_subspace(src, dst, k: int):

@@ -4,7 +4,7 @@ Importance is the mean |activation| measured by grow.calibrate, one layer at a t
 ranking of the residual dims (the residual stream is shared by every layer), and per-layer rankings
 of FFN units and heads (a kv group scores the sum of its query heads). Whole layers are removed by
 block influence (those whose output is closest to their input, as ShortGPT), by skip loss (those
-whose skipping moves the output least, measured), or, with layer_removal="middle", from the middle. Each Linear whose input width shrank from D to d is multiplied by
+whose skipping moves the output least, measured: the default), or, with layer_removal="middle", from the middle. Each Linear whose input width shrank from D to d is multiplied by
 sqrt(D/d), which keeps the scale of its output roughly where the source had it."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def kept_layers(imp: calibrate.Importance, n: int, keep: int, how: str) -> list[
 
 
 def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn=None, heads=None, kv_heads=None,
-          layers=None, layer_removal: str = "influence", residual: str | None = None,
+          layers=None, layer_removal: str | None = None, residual: str | None = None,
           unit_ranking: str = "activation", calibration=None,
           calibration_tokens=None, scores=None, seed: int = 0, dtype: str | None = None) -> Plan:
     """`importance` is measured by the caller (grow.api runs grow.calibrate), so that this builder
@@ -52,10 +52,11 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
     s = view.sizes
     t = target_sizes(view, hidden=hidden, ffn=ffn, heads=heads, kv_heads=kv_heads, layers=layers)
     imp = importance
+    notes = [f"importance from {imp.inputs}"] + imp.notes
+    layer_removal = layer_removal_method(view, layer_removal, notes if t["layers"] != s["layers"] else [])
     layer_src = kept_layers(imp, s["layers"], t["layers"], layer_removal)
     if unit_ranking not in UNIT_RANKING:
         raise UsageError(f"--unit-ranking {unit_ranking} is not one of {', '.join(UNIT_RANKING)}.")
-    notes = [f"importance from {imp.inputs}"] + imp.notes
     residual = residual_method(view, residual, notes if t["hidden"] != s["hidden"] else [])
 
     global_maps: dict[str, WidthMap] = {}
@@ -102,6 +103,17 @@ def build(view: ModelView, *, importance: calibrate.Importance, hidden=None, ffn
     if t["hidden"] != s["hidden"] and residual == "pca":
         rotation.rotate(view, plan, imp.covariance, t["hidden"])
     return plan
+
+
+def layer_removal_method(view: ModelView, asked: str | None, notes: list[str]) -> str:
+    """loss (the default: measured best, see the README) where the output is a distribution, else influence."""
+    if asked is not None:
+        return asked
+    if calibrate.outputs_distribution(view):
+        return "loss"
+    notes.append("layers removed by block influence: the output is hidden states, not a distribution to measure "
+                 "a skip loss on")
+    return "influence"
 
 
 def residual_method(view: ModelView, asked: str | None, notes: list[str]) -> str:
