@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import queue
 import shutil
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,6 +162,11 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
     else:
         t = r.init.sample(r.base_shape or r.shape, gen)
     loaded = bool(r.sources) and len(r.sources) == 1
+    tiled = _tiled_split(r)
+    rows = None
+    direct = None if tiled else _runs_per_axis(r, t.dim())
+    # the last gather makes the output tensor (when no arithmetic follows): on a recycled buffer
+    last = -1 if tiled else max((k for k, m in enumerate(r.axes) if m is not None and m.index is not None), default=-1)
     fresh_axes: list[tuple[int, torch.Tensor]] = []
     scales: list[tuple[int, torch.Tensor]] = []
     for axis, m in enumerate(r.axes):
@@ -167,32 +175,43 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if m.matrix is not None:
             t = contract(t, axis, m.matrix, load(m.prescale) if m.prescale else None)
             loaded = False
+        if tiled and axis == 0 and r.split.axis != 0 and m.index is not None and index_runs(m.index):
+            rows = index_runs(m.index)  # no gather: the split writes each run of rows from its source rows
+            continue
+        if tiled and axis == r.split.axis:  # gather one copy: the split writes all of them
+            start, length, copies = tiled
+            index = torch.cat([m.index[:start + length], m.index[start + copies * length:]])
+            if not torch.equal(index, torch.arange(t.shape[axis])):
+                t, loaded = gather(t, axis, index), False
+            continue
         if m.index is not None:
-            prior = t
-            t = gather(prior, axis, m.index.clamp(min=0))
-            loaded = False
             fresh = m.index < 0
-            if m.mix is not None:  # positions that are weighted sums of source positions (float32)
-                at, weights = m.mix
-                prior, t = prior.float(), t.float()
-                mixed = torch.tensordot(prior.movedim(axis, -1), weights.to(torch.float32).T, dims=1)
-                t.index_copy_(axis, at, mixed.movedim(-1, axis))
-                fresh = fresh.clone()
-                fresh[at] = False
-            del prior
+            if direct is None:
+                prior = t
+                shape = (*t.shape[:axis], m.index.numel(), *t.shape[axis + 1:])
+                into = RECYCLED.empty(shape, t.dtype) if axis == last and t.dtype == out_dtype else None
+                t = gather(prior, axis, m.index.clamp(min=0), into)
+                if m.mix is not None:  # positions that are weighted sums of source positions (float32)
+                    at, weights = m.mix
+                    prior, t = prior.float(), t.float()
+                    mixed = torch.tensordot(prior.movedim(axis, -1), weights.to(torch.float32).T, dims=1)
+                    t.index_copy_(axis, at, mixed.movedim(-1, axis))
+                    fresh = fresh.clone()
+                    fresh[at] = False
+                del prior
+            loaded = False
             if fresh.any():
                 fresh_axes.append((axis, fresh))
         if m.scale is not None:
             scales.append((axis, m.scale.to(torch.float32)))
+    if direct is not None:
+        t = _gather_runs(t, direct, out_dtype)
+    if tiled:
+        return _split_tiled(t, r, *tiled, rows)
     if tuple(t.shape) != tuple(r.shape):
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
     if not (scales or fresh_axes or r.noise or r.split or r.scale != 1.0):
         return t.to(out_dtype)
-    if r.split is not None and not (scales or fresh_axes or r.noise or r.offset or r.scale != 1.0):
-        tiled = tiles(r.split.groups)
-        if tiled is not None:  # copies in whole runs: split in place, in the output dtype, on every core
-            t = t.to(out_dtype, copy=loaded)
-            return split_tiles_(t, r.split, *tiled, r.seed, workers=torch.get_num_threads())
     if r.offset:
         # scale and fill offset + stored, then store the result less the offset
         t = t.to(torch.float32, copy=True).add_(r.offset)
@@ -238,18 +257,57 @@ def contract(t: torch.Tensor, axis: int, matrix: torch.Tensor, prescale: torch.T
     return out.view(*moved.shape[:-1], m.shape[1]).movedim(-1, axis).contiguous()
 
 
-def gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+def gather(t: torch.Tensor, axis: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """t.index_select(axis, index), done as a few slice copies when the index is a few contiguous
-    runs (tiling, truncation): memory-speed instead of an element-wise gather."""
-    if index.numel() == 0:
-        return t.index_select(axis, index)
+    runs (tiling, truncation): memory-speed instead of an element-wise gather. Into `out` if given."""
+    runs = index_runs(index)
+    if runs is None:
+        return t.index_select(axis, index) if out is None else torch.index_select(t, axis, index, out=out)
+    if out is None:
+        pieces = [t.narrow(axis, at, n) for _, at, n in runs]
+        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, axis)
+    for to, at, n in runs:
+        out.narrow(axis, to, n).copy_(t.narrow(axis, at, n))
+    return out
+
+
+def _runs_per_axis(r: TensorRecipe, dims: int) -> list | None:
+    """index_runs of every gathered axis (None for the others) when a recipe gathers two axes or more,
+    each in a few runs, and does nothing else between them: then one pass copies the blocks from source
+    to output, without a tensor per axis."""
+    maps = [r.axes[k] if k < len(r.axes) else None for k in range(dims)]
+    if sum(m is not None and m.index is not None for m in maps) < 2:
+        return None
+    if any(m is not None and (m.mix is not None or m.matrix is not None) for m in maps):
+        return None
+    runs = [index_runs(m.index.clamp(min=0)) if m is not None and m.index is not None else None for m in maps]
+    gathered = [x for m, x in zip(maps, runs) if m is not None and m.index is not None]
+    if any(x is None for x in gathered) or math.prod(len(x) for x in gathered) > 256:
+        return None
+    return runs
+
+
+def _gather_runs(t: torch.Tensor, runs: list, out_dtype: torch.dtype) -> torch.Tensor:
+    """gather() along every axis at once: one slice copy per combination of the axes' runs."""
+    shape = tuple(sum(n for _, _, n in x) if x else t.shape[k] for k, x in enumerate(runs))
+    out = RECYCLED.empty(shape, t.dtype) if t.dtype == out_dtype else torch.empty(shape, dtype=t.dtype)
+    for combo in itertools.product(*[x or [(0, 0, t.shape[k])] for k, x in enumerate(runs)]):
+        src, dst = t, out
+        for k, (to, at, n) in enumerate(combo):
+            src, dst = src.narrow(k, at, n), dst.narrow(k, to, n)
+        dst.copy_(src)
+    return out
+
+
+def index_runs(index: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """The index as (target start, source start, length) of its contiguous runs, or None when it has
+    none or more than 64 (an element-wise gather is then faster)."""
     breaks = torch.nonzero(index[1:] != index[:-1] + 1).flatten() + 1
-    if breaks.numel() >= 64:
-        return t.index_select(axis, index)
+    if index.numel() == 0 or breaks.numel() >= 64:
+        return None
     starts = [0, *breaks.tolist()]
     ends = [*breaks.tolist(), index.numel()]
-    pieces = [t.narrow(axis, int(index[a]), b - a) for a, b in zip(starts, ends)]
-    return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces, axis)
+    return [(a, int(index[a]), b - a) for a, b in zip(starts, ends)]
 
 
 def _arithmetic(block, r: TensorRecipe, scales, fresh_axes, gen, row0: int, noise_std: float | None = None):
@@ -341,36 +399,145 @@ def tiles(groups: torch.Tensor) -> tuple[int, int, int] | None:
     return (start, length, runs.shape[0]) if bool((runs == runs[:1]).all()) else None
 
 
-def split_tiles_(t: torch.Tensor, split: Split, start: int, length: int, m: int, seed: int, workers: int = 1) -> torch.Tensor:
-    """split_pieces for tiled copies, in place on t (already in the output dtype): the copies are m
-    strided views of t, cut into blocks of SPLIT_BLOCK values that `workers` threads share. Block k
-    draws from a generator seeded by (seed, k), so the result does not depend on the threads."""
-    dtype = t.dtype
-    axis = split.axis
-    copies = [t.narrow(axis, start + c * length, length) for c in range(m)]
-    # blocks along axis 0: rows of the copies, or (when the copies are rows) runs of rows of each copy
-    rows = copies[0].shape[0] if t.dim() else 1
-    per_row = max(1, copies[0].numel() // max(rows, 1))
-    step = max(1, SPLIT_BLOCK // per_row)
+def _tiled_split(r: TensorRecipe) -> tuple[int, int, int] | None:
+    """tiles() of the recipe's split when the split is all the arithmetic it does (no scales, new
+    positions or noise), so that its copies can be written straight from one gathered copy."""
+    if r.split is None or r.noise is not None or r.offset or r.scale != 1.0:
+        return None
+    if any(m is not None and (m.scale is not None or m.mix is not None or m.matrix is not None
+                              or (m.index is not None and bool((m.index < 0).any()))) for m in r.axes):
+        return None
+    return tiles(r.split.groups)
+
+
+def _split_tiled(t: torch.Tensor, r: TensorRecipe, start: int, length: int, copies: int,
+                 rows: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+    """The output of a tiled split from t, gathered with one copy of the split positions (and, given
+    `rows` as index_runs, not gathered along axis 0): positions outside the copies are copied, the
+    copies are written as pieces of t's copy (split_tiles_)."""
+    axis, out = r.split.axis, RECYCLED.empty(r.shape, DTYPES[r.dtype])
+    tail = r.shape[axis] - start - copies * length
+    want = list(out.narrow(axis, 0, start + length + tail).shape)
+    if rows is not None:
+        want[0] = t.shape[0]
+    if list(t.shape) != want:
+        raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)} for one copy, expected {list(r.shape)}")
+    for k, (to, at, n) in enumerate(rows or [(0, 0, r.shape[0] if r.shape else 1)]):
+        src, dst = (t.narrow(0, at, n), out.narrow(0, to, n)) if rows else (t, out)
+        dst.narrow(axis, 0, start).copy_(src.narrow(axis, 0, start))
+        dst.narrow(axis, start + copies * length, tail).copy_(src.narrow(axis, start + length, tail))
+        pieces = [dst.narrow(axis, start + c * length, length) for c in range(copies)]
+        split_tiles_(src.narrow(axis, start, length), pieces, r.split.snr_db, (r.seed + k * 1_000_033) % 2**63,
+                     workers=torch.get_num_threads())
+    return out
+
+
+class Recycler:
+    """Output buffers that the writer has finished with, handed out again for later outputs: their
+    pages are already mapped, where a fresh buffer costs the kernel a page fault and a zeroed page for
+    every 4 kB (or 2 MB), which was most of the system time of a run. Holds at most `keep` buffers, and
+    none outside the executor (between runs the memory goes back)."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.active = False
+        self._free: list[torch.Tensor] = []
+        self._made: weakref.WeakSet = weakref.WeakSet()  # only buffers of its own come back
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """torch.empty(shape, dtype), on a recycled buffer when one is large enough."""
+        nbytes = numel(shape) * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            fits = [b for b in self._free if b.numel() >= nbytes]
+            buf = min(fits, key=torch.Tensor.numel) if fits else None
+            if buf is not None:
+                self._free.remove(buf)
+        if buf is None:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            self._made.add(buf)
+        return buf[:nbytes].view(dtype).view(shape)
+
+    def give(self, t: torch.Tensor) -> None:
+        """Take back a tensor from empty() that nothing reads any more."""
+        base = t._base if t._base is not None else t
+        if not self.active or base not in self._made:
+            return
+        with self._lock:
+            self._free.append(base)
+            self._free.sort(key=torch.Tensor.numel)
+            del self._free[: max(0, len(self._free) - self.keep)]  # keep the largest
+
+    @contextmanager
+    def running(self):
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            with self._lock:
+                self._free.clear()
+
+
+RECYCLED = Recycler()
+
+
+def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float, seed: int, workers: int = 1) -> None:
+    """Write into the `copies` (views of one output dtype) pieces that sum to `values` (any dtype, rounded
+    to the copies' first), as split_pieces does, in blocks of SPLIT_BLOCK values along axis 0 that
+    `workers` threads share. Block k draws from a generator seeded by (seed, k), so the result does
+    not depend on the threads."""
+    dtype = copies[0].dtype
+    rows = values.shape[0] if values.dim() else 1
+    step = max(1, SPLIT_BLOCK // max(1, values.numel() // max(rows, 1)))
     starts = list(range(0, rows, step))
 
     def run(k: int) -> None:
         a = starts[k]
-        views = [c[a:a + step] for c in copies] if t.dim() else copies
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)
-        _fill_pieces(views[0].to(torch.float32, copy=True), views, split.snr_db, dtype, gen)
+        views = [c[a:a + step] for c in copies] if values.dim() else copies
+        block = (values[a:a + step] if values.dim() else values).to(dtype)
+        value = SCRATCH.take("value", block.shape, torch.float32).copy_(block)
+        _fill_pieces(value, views, snr_db, dtype, torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63), SCRATCH)
 
     if workers > 1 and len(starts) > 1:
         with single_threaded_ops():
-            pool = ThreadPoolExecutor(workers)
-            try:
-                list(pool.map(run, range(len(starts))))
-            finally:
-                pool.shutdown()
+            list(_workers(workers).map(run, range(len(starts))))
     else:
         for k in range(len(starts)):
             run(k)
-    return t
+
+
+class Scratch(threading.local):
+    """Buffers for a thread's temporaries, reused block after block: a fresh buffer of a megabyte costs
+    the kernel a page fault per 4 kB each time."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def take(self, name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        n = numel(shape)
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[(name, dtype)] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)
+
+
+class _Fresh:
+    """Scratch's interface without reuse (the general split path)."""
+
+    @staticmethod
+    def take(name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype)
+
+
+SCRATCH = Scratch()
+_POOL: list = []  # the threads that share split blocks, kept (with their scratch buffers) between tensors
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    if not _POOL or _POOL[0]._max_workers != n:
+        _POOL[:] = [ThreadPoolExecutor(n, thread_name_prefix="grow-split")]
+    return _POOL[0]
 
 
 @contextmanager
@@ -385,7 +552,8 @@ def single_threaded_ops():
         torch.set_num_threads(before)
 
 
-def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype, gen: torch.Generator) -> None:
+def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype, gen: torch.Generator,
+                 scratch=_Fresh) -> None:
     """Write into the m `copies` pieces that sum to `value` (float32, holding values of `dtype`) exactly
     in `dtype`. Piece c is the remainder so far times a random ratio, rounded to a multiple of the ulp of
     the value in `dtype`, so that every piece lies between 0 and the value: a multiple of that ulp no
@@ -393,8 +561,8 @@ def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype,
     uniform noise of standard deviation 10^(-snr/20)/m (clipped to [0, 1]; a share larger than what is
     left takes all of it); the last piece is the remainder."""
     m = len(copies)
-    shares = _shares(value.shape, m, snr_db, gen)
-    to_grid = _grid(value, dtype)
+    shares = _shares(value.shape, m, snr_db, gen, scratch)
+    to_grid = _grid(value, dtype, scratch)
     rest, left = value, None  # what is still to give out, and its share of the value
     for c in range(m - 1):
         if left is None:
@@ -407,15 +575,13 @@ def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype,
     copies[m - 1].copy_(rest)
 
 
-def _shares(shape, m: int, snr_db: float, gen: torch.Generator) -> list[torch.Tensor]:
+def _shares(shape, m: int, snr_db: float, gen: torch.Generator, scratch=_Fresh) -> list[torch.Tensor]:
     """The random shares of the first m - 1 pieces (float32 tensors of `shape`), 16 random bits each."""
     sigma = 10 ** (-snr_db / 20)
-    n = 1
-    for s in shape:
-        n *= s
-    draws = n * (1 if m == 2 else m)  # two pieces: one draw (the other share is what is left)
-    bits = torch.empty((draws + 3) // 4, dtype=torch.int64).random_(-2**63, None, generator=gen)
-    u = bits.view(torch.int16)[:draws].float().view(-1, *shape)  # uniform on [-32768, 32767]
+    draws = numel(shape) * (1 if m == 2 else m)  # two pieces: one draw (the other share is what is left)
+    bits = scratch.take("bits", ((draws + 3) // 4,), torch.int64).random_(-2**63, None, generator=gen)
+    # uniform on [-32768, 32767]
+    u = scratch.take("shares", (draws,), torch.float32).copy_(bits.view(torch.int16)[:draws]).view(-1, *shape)
     # (u + 0.5) / 32768 is uniform on (-1, 1) with variance 1/3: times sqrt(3), unit variance
     unit = 3 ** 0.5 / 32768
     if m == 2:
@@ -426,11 +592,13 @@ def _shares(shape, m: int, snr_db: float, gen: torch.Generator) -> list[torch.Te
     return list(z.mul_(sigma / m).add_(1 / m).clamp_(0, 1).unbind(0))[: m - 1]
 
 
-def _grid(value: torch.Tensor, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def _grid(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function rounding, in place, numbers between 0 and `value` to multiples of the ulp that the
     value has in `dtype` (between 0 and the value too: both ends are multiples)."""
     bits, tiny = _FORMATS[dtype]
-    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000)  # the value's power of two, as float32 bits
+    # the value's power of two, as float32 bits
+    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
+                                 out=scratch.take("exponent", value.shape, torch.int32))
     emin = (tiny + bits - 1 + 127) << 23  # below the smallest normal of dtype the ulp stays the subnormal step
     if bits < 24 and int(exponent.max()) <= (230 + bits) << 23:
         # 16-bit formats: adding C = 1.5 * 2^23 * ulp rounds to a multiple of the ulp (C + x stays in C's
@@ -533,6 +701,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
 
         def on_written(t: torch.Tensor) -> None:
             written[0] += t.numel() * t.element_size()
+            RECYCLED.give(t)
             if progress:
                 progress("writing", written[0], plan.nbytes)
 
@@ -542,8 +711,9 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         if progress:
             progress("writing", 0, plan.nbytes)
         try:
-            for r in plan.recipes:
-                writer.submit(r.name, materialize(r, reader.next()))
+            with RECYCLED.running():
+                for r in plan.recipes:
+                    writer.submit(r.name, materialize(r, reader.next()))
             files = writer.close()
             hashes = reader.finish()
         finally:

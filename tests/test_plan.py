@@ -137,20 +137,21 @@ def test_source_reads_every_dtype_exactly(tmp_path):
 
 def _split_both_ways(w: torch.Tensor, copies: int, dtype, axis: int, tiled: bool):
     """w's columns (rows with axis 0) repeated `copies` times plus one position in no group, split by the
-    general path (split_pieces, float32 out) or in place by the tiled one (split_tiles_, two threads)."""
-    block = torch.cat([w.repeat(1, copies), w[:, :1]], 1)
+    general path (split_pieces, float32 out) or by materialize (the tiled path: one copy gathered, the
+    pieces written straight into the output dtype by two threads)."""
+    index = torch.cat([torch.arange(w.shape[1]).repeat(copies), torch.tensor([0])])
     groups = torch.cat([torch.arange(w.shape[1]).repeat(copies), torch.tensor([-1])])
-    if axis == 0:
-        block = block.T.contiguous()
     split = Split(axis, groups, 10.0)
     if not tiled:
-        out = split_pieces(block.clone(), split, dtype, torch.Generator().manual_seed(1))
-    else:
-        assert plan.tiles(groups) == (0, w.shape[1], copies)
-        out = plan.split_tiles_(block.to(dtype), split, *plan.tiles(groups), seed=1, workers=2)
-        assert out.dtype == dtype
-        out = out.float()
-    return out.T if axis == 0 else out
+        return split_pieces(w[:, index].clone(), split, dtype, torch.Generator().manual_seed(1))
+    assert plan.tiles(groups) == (0, w.shape[1], copies)
+    src = w.to(dtype) if axis == 1 else w.T.contiguous().to(dtype)
+    shape = (w.shape[0], index.numel()) if axis == 1 else (index.numel(), w.shape[0])
+    axes = (None, AxisMap(index)) if axis == 1 else (AxisMap(index), None)
+    name = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    out = materialize(TensorRecipe("w", shape, name, ("s",), axes=axes, split=split, seed=1), {"s": src}.__getitem__)
+    assert out.dtype == dtype and out.shape == shape
+    return out.float() if axis == 1 else out.float().T
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -187,7 +188,23 @@ def test_split_noise_has_the_asked_snr(copies):
 def test_tiled_split_does_not_depend_on_the_threads(monkeypatch):
     monkeypatch.setattr(plan, "SPLIT_BLOCK", 50)
     w = torch.randn(64, 30, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    groups = torch.arange(30).repeat(2)
-    outs = [plan.split_tiles_(w.repeat(1, 2), Split(1, groups, 10.0), 0, 30, 2, seed=5, workers=k) for k in (1, 2)]
+    outs = []
+    for workers in (1, 2):
+        out = torch.empty(64, 60, dtype=torch.bfloat16)
+        plan.split_tiles_(w, [out[:, :30], out[:, 30:]], 10.0, seed=5, workers=workers)
+        outs.append(out)
     assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][:, :30].float() + outs[0][:, 30:].float(), w.float())
     assert plan.tiles(torch.tensor([0, 1, 1, 0])) is None and plan.tiles(torch.tensor([0, 1, -1, 0, 1])) is None
+
+
+def test_tiled_split_of_tiled_rows_draws_each_copy_of_a_row_afresh():
+    """HyperCloning's Linear: rows tiled, columns split; the rows are written run by run from the source
+    rows (no gathered copy), and the two copies of a row get different pieces."""
+    w = torch.randn(32, 40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    groups = torch.arange(40).repeat(2)
+    r = TensorRecipe("w", (64, 80), "BF16", ("s",), axes=(AxisMap(torch.arange(32).repeat(2)), AxisMap(groups)),
+                     split=Split(1, groups, 10.0), seed=4)
+    out = materialize(r, {"s": w}.__getitem__).float()
+    assert torch.equal(out[:, :40] + out[:, 40:], w.float().repeat(2, 1))
+    assert not torch.equal(out[:32], out[32:])
