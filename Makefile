@@ -46,7 +46,7 @@ evidence: $(VENV)/.installed
 	$(PY) -m pip install -q -c constraints.txt -e '.[evidence]'
 	$(PY) scripts/growth_evidence.py --out docs/growth_evidence
 
-# Shrinking's training claim on a small model of every family it supports (tens of minutes on 2 CPU cores)
+# Shrinking's training claim on a small model of every family it supports (about 10 minutes on 2 CPU cores)
 shrink-evidence: $(VENV)/.installed
 	$(PY) scripts/shrink_report.py --all-families
 
