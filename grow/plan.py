@@ -144,6 +144,9 @@ class TensorRecipe:
         return "; ".join(parts)
 
 
+# output tensors handed to the writer ahead of the disk: a second one lets building go on while a
+# write waits for the disk (one more tensor in memory)
+WRITE_DEPTH = 2
 WORK_ELEMENTS = 1 << 20  # float32 elements per working block (4 MB): bounds memory, stays in cache
 
 
@@ -706,7 +709,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
                 progress("writing", written[0], plan.nbytes)
 
         writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
-                                  on_written)
+                                  on_written, depth=WRITE_DEPTH)
         reader = Prefetcher(source, plan.recipes, StreamHasher(_hashed_files(source), progress))
         if progress:
             progress("writing", 0, plan.nbytes)

@@ -97,23 +97,24 @@ class ShardedWriter:
 
 
 class BackgroundWriter:
-    """Writes on a thread so the disk works while the next tensor is built. At most two tensors are
-    alive: the one being written and the one being built (submit waits for the previous write)."""
+    """Writes on a thread so the disk works while the next tensors are built. At most depth + 1 tensors
+    are alive: `depth` written or waiting to be, and the one being built (submit waits for a slot)."""
 
-    def __init__(self, writer: ShardedWriter, on_written=None):
+    def __init__(self, writer: ShardedWriter, on_written=None, depth: int = 1):
         self.writer = writer
         self.on_written = on_written
         self.error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.BoundedSemaphore(depth)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
+            if item is None:
+                return
             try:
-                if item is None:
-                    return
                 if self.error is None:
                     self.writer.write(*item)
                     if self.on_written:
@@ -121,11 +122,11 @@ class BackgroundWriter:
             except BaseException as e:  # handed to the main thread at the next submit or close
                 self.error = e
             finally:
-                del item
-                self._queue.task_done()
+                del item  # freed before its slot is given back
+                self._slots.release()
 
     def submit(self, name: str, tensor: torch.Tensor) -> None:
-        self._queue.join()  # the previous tensor is on disk (and freed) before this one is queued
+        self._slots.acquire()
         self._raise()
         self._queue.put((name, tensor))
 
