@@ -9,7 +9,7 @@ import queue
 import shutil
 import threading
 import time
-import weakref
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -441,11 +441,11 @@ class Recycler:
     every 4 kB (or 2 MB), which was most of the system time of a run. Holds at most `keep` buffers, and
     none outside the executor (between runs the memory goes back)."""
 
-    def __init__(self, keep: int = 2):
+    def __init__(self, keep: int = 4):
         self.keep = keep
         self.active = False
         self._free: list[torch.Tensor] = []
-        self._made: weakref.WeakSet = weakref.WeakSet()  # only buffers of its own come back
+        self._out: OrderedDict = OrderedDict()  # address -> buffer handed out (only those come back)
         self._lock = threading.Lock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -455,18 +455,22 @@ class Recycler:
             fits = [b for b in self._free if b.numel() >= nbytes]
             buf = min(fits, key=torch.Tensor.numel) if fits else None
             if buf is not None:
-                self._free.remove(buf)
+                self._free = [b for b in self._free if b is not buf]  # (== would compare the contents)
         if buf is None:
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-            self._made.add(buf)
+        if self.active:
+            with self._lock:
+                self._out[buf.data_ptr()] = buf
+                while len(self._out) > self.keep:  # one that never came back is forgotten (and freed with its user)
+                    self._out.popitem(last=False)
         return buf[:nbytes].view(dtype).view(shape)
 
     def give(self, t: torch.Tensor) -> None:
         """Take back a tensor from empty() that nothing reads any more."""
-        base = t._base if t._base is not None else t
-        if not self.active or base not in self._made:
-            return
         with self._lock:
+            base = self._out.pop(t.data_ptr(), None)
+            if not self.active or base is None:
+                return
             self._free.append(base)
             self._free.sort(key=torch.Tensor.numel)
             del self._free[: max(0, len(self._free) - self.keep)]  # keep the largest
@@ -480,6 +484,7 @@ class Recycler:
             self.active = False
             with self._lock:
                 self._free.clear()
+                self._out.clear()
 
 
 RECYCLED = Recycler()

@@ -208,3 +208,19 @@ def test_tiled_split_of_tiled_rows_draws_each_copy_of_a_row_afresh():
     out = materialize(r, {"s": w}.__getitem__).float()
     assert torch.equal(out[:, :40] + out[:, 40:], w.float().repeat(2, 1))
     assert not torch.equal(out[:32], out[32:])
+
+
+def test_recycled_buffers_come_back_only_from_the_executor_and_only_whole():
+    pool = plan.Recycler(keep=2)
+    with pool.running():
+        a = pool.empty((100, 100), torch.bfloat16)
+        pool.give(a[1:])  # a view into it is not the buffer handed out
+        assert pool.empty((10, 10), torch.bfloat16).data_ptr() != a.data_ptr()
+        pool.give(a)
+        b = pool.empty((50, 10), torch.float32)  # smaller, any dtype: the same memory again
+        assert b.data_ptr() == a.data_ptr() and b.shape == (50, 10)
+        pool.give(b)
+    assert not pool._free and not pool._out  # nothing held between runs
+    c = pool.empty((4,), torch.float32)
+    pool.give(c)
+    assert not pool._free
