@@ -32,6 +32,11 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+# bytes per write(): one call for a whole 90 MB tensor cost the kernel 8-14 s of system time per 5.4 GB
+# here, 16 MB calls 5 s (measured writing the same buffer; cp's copy of the same bytes: 4.6 s)
+WRITE_CHUNK = 16 << 20
+
+
 class ShardedWriter:
     """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
     so nothing is buffered beyond the tensor being written."""
@@ -77,9 +82,9 @@ class ShardedWriter:
         got_dtype = DTYPE_NAMES[tensor.dtype]
         if (name, got_dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
             raise RuntimeError(f"writer expected {want_name} {want_dtype}{list(want_shape)}, got {name} {got_dtype}{list(tensor.shape)}")
-        flat = tensor.contiguous().reshape(-1)
-        if flat.numel():
-            self._file.write(memoryview(flat.view(torch.uint8).numpy()))
+        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        for at in range(0, len(data), WRITE_CHUNK):
+            self._file.write(data[at:at + WRITE_CHUNK])
         self._pos += 1
 
     def close(self) -> list[str]:
