@@ -10,7 +10,7 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -509,7 +509,14 @@ def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float
 
     if workers > 1 and len(starts) > 1:
         with single_threaded_ops():
-            list(_workers(workers).map(run, range(len(starts))))
+            futures = [_workers(workers).submit(run, k) for k in range(len(starts))]
+            try:
+                for f in futures:
+                    f.result()
+            finally:  # (Ctrl-C) no block may still run when torch's thread count is restored: that aborts
+                for f in futures:
+                    f.cancel()
+                wait(futures)
     else:
         for k in range(len(starts)):
             run(k)
