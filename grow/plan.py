@@ -178,8 +178,8 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if m.matrix is not None:
             t = contract(t, axis, m.matrix, load(m.prescale) if m.prescale else None)
             loaded = False
-        if tiled and axis == 0 and r.split.axis != 0 and m.index is not None and index_runs(m.index):
-            rows = index_runs(m.index)  # no gather: the split writes each run of rows from its source rows
+        if tiled and axis == 0 and r.split.axis != 0 and m.index is not None and (runs := index_runs(m.index)):
+            rows = runs  # no gather: the split writes each run of rows from its source rows
             continue
         if tiled and axis == r.split.axis:  # gather one copy: the split writes all of them
             start, length, copies = tiled
@@ -508,8 +508,9 @@ def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float
         _fill_pieces(value, views, snr_db, dtype, torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63), SCRATCH)
 
     if workers > 1 and len(starts) > 1:
+        pool = _workers(workers)
         with single_threaded_ops():
-            futures = [_workers(workers).submit(run, k) for k in range(len(starts))]
+            futures = [pool.submit(run, k) for k in range(len(starts))]
             try:
                 for f in futures:
                     f.result()
