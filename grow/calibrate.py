@@ -97,10 +97,13 @@ def _unit_readers(view: ModelView) -> dict[tuple[int, str], str]:
 NORM_BLOCK_BYTES = 1 << 26
 
 
-def _unit_norms(view: ModelView) -> dict[tuple[int, str], torch.Tensor]:
-    """Per unit, the L2 norm of its fan-in column in the Linear that reads it, read in row blocks."""
+def _unit_norms(view: ModelView, keys) -> dict[tuple[int, str], torch.Tensor]:
+    """Per unit of the (layer, space) `keys`, the L2 norm of its fan-in column in the Linear that reads
+    it, read from the checkpoint in row blocks."""
     out = {}
     for key, e in _unit_reader_entries(view).items():
+        if key not in keys:
+            continue
         info = view.source.tensors[e.name]
         rows = info.shape[0]
         step = max(1, NORM_BLOCK_BYTES // max(1, info.nbytes // max(rows, 1)))
@@ -136,8 +139,17 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
     for i in range(layers):
         hooks.append(model.get_submodule(view.spec.layer_module(i)).register_forward_hook(
             lambda _m, _a, o, i=i: on_output(i, o)))
+    norms = {}
+    readers = _unit_reader_entries(view)
+
+    def on_reader(module, args, key):
+        units[key].add(args[0])
+        weight = module.weight
+        if key not in norms and weight.device.type != "meta":  # loaded for this forward: no second read
+            norms[key] = weight.detach().double().pow(2).sum(1 - readers[key].spec.reads).sqrt().float().cpu()
+
     for key, name in _unit_readers(view).items():
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda _m, a, k=key: units[k].add(a[0])))
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(lambda m, a, k=key: on_reader(m, a, k)))
     influence, covariance = _Influence(layers), _Covariance(view.sizes["hidden"])
     hooks += influence.attach(model, view) + covariance.attach(model, view)
     if progress:
@@ -151,7 +163,9 @@ def collect(view: ModelView, inputs: torch.Tensor, description: str, notes: list
         loader.remove()
     tokens = int(inputs.numel()) if inputs.dtype == torch.long else hidden.count // (layers + 1)
     return Importance(hidden.mean(), {k: s.mean() for k, s in units.items()}, tokens, description,
-                      loader.peak, list(notes or []), influence.mean(), covariance.mean(), unit_norms=_unit_norms(view))
+                      loader.peak, list(notes or []), influence.mean(), covariance.mean(),
+                      # a Linear run in row blocks (never whole) has its norms read from the checkpoint
+                      unit_norms={**norms, **_unit_norms(view, set(units) - set(norms))})
 
 
 def _hidden_states(args, kwargs) -> torch.Tensor:

@@ -137,6 +137,22 @@ def test_contribution_ranking_keeps_the_units_that_write(model_dir, tmp_path):
     assert dead["contribution"] == 0 and dead["activation"] > 10, dead
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_unit_norms_are_the_fan_in_column_norms(model_dir, monkeypatch, chunk):
+    """The norms contribution ranking uses are each reader's fan-in column norms, taken from the weights the
+    calibration pass loads anyway, or read from the checkpoint for a Linear run in row blocks (chunk)."""
+    import grow.layerwise
+
+    if chunk is not None:
+        monkeypatch.setattr(grow.layerwise, "CHUNK_BYTES", chunk)
+    src = model_dir("gpt2")  # Conv1D: the units are the rows of the stored weight
+    w = load_file(str(src / "model.safetensors"))
+    imp = calibrate.collect(ModelView(Source(src)), torch.randint(0, 100, (2, 16)), "random ids")
+    for i in (0, 1):
+        torch.testing.assert_close(imp.unit_norms[(i, "ffn")], w[f"transformer.h.{i}.mlp.c_proj.weight"].double().norm(dim=1).float())
+        torch.testing.assert_close(imp.unit_norms[(i, "q")], w[f"transformer.h.{i}.attn.c_proj.weight"].double().norm(dim=1).float())
+
+
 def test_select_slices_fused_qkv_by_whole_heads(model_dir, tmp_path):
     src, dst = model_dir("gpt2"), tmp_path / "out"
     grow.shrink(src, dst, method="select", hidden=24, heads=2)
