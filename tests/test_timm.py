@@ -156,6 +156,22 @@ def test_convnext_hypercloning_is_exact(model_dir, tmp_path, kind, options):
     torch.testing.assert_close(pieces.sum(1), down, rtol=0, atol=1e-6)
 
 
+def test_convnext_copies_separate_after_one_step(model_dir, tmp_path):
+    """The depthwise filters start as equal copies (each reads only its own channel); the split readers
+    around them give the copies different gradients, so one AdamW step sets them apart."""
+    src, dst = model_dir("convnext"), tmp_path / "out"
+    grow.expand(src, dst, factor=2)
+    model = _timm(dst).train()
+    torch.manual_seed(0)
+    images = torch.randn(4, *model.pretrained_cfg["input_size"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(model(images), torch.arange(4) % model.num_classes).backward()
+    opt.step()
+    w = model.stages[2].blocks[0].conv_dw.weight.detach()
+    half = w.shape[0] // 2
+    assert ((w[:half] - w[half:]).norm() / w[:half].norm()).item() > 1e-4
+
+
 def test_convnext_bfloat16_source_grows_into_bfloat16(model_dir, tmp_path):
     """A bfloat16 ConvNeXt grown again stays bfloat16, and verify runs it in bfloat16."""
     half = tmp_path / "half"
