@@ -51,6 +51,26 @@ def test_hypercloning_x2_is_exact(model_dir, tmp_path, kind):
     assert check["ran"] and check["dtype"] == "bfloat16" and check["rel_error"] < 2e-2, check
 
 
+@pytest.mark.parametrize("method,options", [("hypercloning", dict(factor=2)), ("lemon", dict(hidden=64, ffn=100, layers=3))])
+def test_widened_copies_separate_after_one_step(model_dir, tmp_path, method, options):
+    """The word embedding's two halves start as equal copies of the source's columns; the readers split
+    into unequal pieces give them different gradients, so one AdamW step on masked-LM text sets them apart."""
+    from grow.calibrate import masked_lm_inputs
+
+    dst = tmp_path / method
+    grow.expand(model_dir("bert_mlm"), dst, method=method, **options)
+    model = load_clean(dst)  # eval mode: dropout would tell the copies apart by itself
+    e = model.bert.embeddings.word_embeddings.weight
+    assert torch.equal(e[:, :32], e[:, 32:64])
+    torch.manual_seed(0)
+    ids, labels = masked_lm_inputs(torch.randint(5, 160, (4, 32)), 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=ids, labels=labels).loss.backward()
+    opt.step()
+    e = e.detach()
+    assert ((e[:, :32] - e[:, 32:64]).norm() / e[:, :32].norm()).item() > 1e-4
+
+
 @pytest.mark.parametrize("kind", ["bert_mlm", "roberta_mlm"])
 @pytest.mark.parametrize("method", ["select", "subclone"])
 def test_shrinking_loads_and_beats_random(model_dir, tmp_path, kind, method):
