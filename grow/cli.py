@@ -1,6 +1,7 @@
 """The `grow` command: parse options, call the API, render the result (rich table or --json).
 
-The API is imported by the commands, not here: `grow --help` and `grow --version` never load torch."""
+The API is imported by the commands, not here: `grow --help` and `grow --version` never load torch.
+`grow inspect SRC` bypasses typer's parser (see main), which would load pydantic for it."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ import sys
 import traceback
 import warnings
 from contextlib import contextmanager
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from . import DEFAULT_TOL, __version__
 from .errors import GrowError, GrowWarning, Interrupted
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -137,6 +140,8 @@ def _progress(quiet: bool):
 
 
 def _table(title: str, rows: list[tuple[str, object]]) -> Table:
+    from rich.table import Table  # only where a table is drawn: not for --json
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -425,6 +430,29 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+INSPECT_FLAGS = {"--json": "json_", "--debug": "debug"}
+
+
+def _plain_inspect(args: list[str]) -> dict | None:
+    """The options of a command line that is `inspect SRC` with no more than --json and --debug; None for
+    any other (help, other options or commands), which typer parses. typer takes longer to parse SRC than
+    grow inspect takes to run: it loads pydantic to check that a string is a string."""
+    if args[:1] != ["inspect"]:
+        return None
+    flags = [a for a in args[1:] if a.startswith("-")]
+    sources = [a for a in args[1:] if not a.startswith("-")]
+    if len(sources) != 1 or len(set(flags)) != len(flags) or not set(flags) <= INSPECT_FLAGS.keys():
+        return None
+    return {"src": sources[0], **{INSPECT_FLAGS[f]: True for f in flags}}
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
-    app()
+    options = _plain_inspect(sys.argv[1:])
+    if options is None:
+        app()
+        return
+    try:
+        inspect_cmd(**options)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)

@@ -2,7 +2,8 @@
 
     python scripts/startup_time.py [SRC]    # SRC: a checkpoint folder for grow inspect (default .cache/demo/llama-small)
 
-Prints the median wall time of several runs of each, alternating, and whether torch was imported."""
+Prints the median wall time of several runs of each, alternating, and which of the slow-to-import libraries
+(torch, transformers, pydantic) each command imported."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ import time
 from pathlib import Path
 
 RUNS = 7
-CHECK = "import sys; from grow.cli import app\ntry: app(sys.argv[1:])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+HEAVY = ("torch", "transformers", "pydantic")
+# runs the command as the `grow` entry point does, then names the heavy libraries it imported
+CHECK = ("import sys; from grow.cli import main\ntry: main()\nexcept SystemExit: pass\n"
+         f"print('\\nimported:', *(m for m in {HEAVY!r} if m in sys.modules))")
 
 
 def timed(args: list[str]) -> tuple[float, str]:
@@ -36,8 +40,11 @@ def main() -> None:
             times[name].append(timed(args)[0])
     for name, ts in times.items():
         print(f"{name:<45} median {statistics.median(ts):.3f} s  (min {min(ts):.3f}, {RUNS} runs)")
-    torch_loaded = timed([sys.executable, "-c", CHECK, "--help"])[1].strip().splitlines()[-1]
-    print(f"torch imported by grow --help: {torch_loaded}")
+    for name, args in commands.items():
+        if name.startswith("grow"):
+            out = timed([sys.executable, "-c", CHECK, *args[3:]])[1]
+            imported = out.rsplit("\nimported:", 1)[1].split()
+            print(f"{name} imported: {', '.join(imported) or 'none of ' + ', '.join(HEAVY)}")
 
 
 if __name__ == "__main__":

@@ -125,21 +125,44 @@ def test_verify_refuses_models_that_cannot_be_compared(model_dir, tmp_path):
 
 
 def test_help_and_inspect_do_not_import_torch(model_dir):
-    """grow --help and grow inspect stay fast: neither loads torch nor transformers."""
+    """grow --help and grow inspect stay fast: neither loads torch nor transformers, and `grow inspect SRC`,
+    run as the `grow` command runs it, not pydantic either (typer loads it to parse other command lines)."""
     code = (
         "import sys\n"
-        "from grow.cli import app\n"
-        "for args in (['--help'], ['expand', '--help'], ['inspect', sys.argv[1], '--json']):\n"
-        "    try:\n"
-        "        app(args)\n"
-        "    except SystemExit as e:\n"
-        "        assert not e.code, e.code\n"
-        "heavy = [m for m in ('torch', 'transformers', 'timm') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
+        "from grow.cli import _plain_inspect, app, main\n"
+        "run = main if _plain_inspect(sys.argv[1:]) else app\n"
+        "try:\n"
+        "    run()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "heavy = ('torch', 'transformers', 'timm') + (('pydantic',) if run is main else ())\n"
+        "print('imported:', [m for m in heavy if m in sys.modules])\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(model_dir("llama"))], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert '"hidden_size": 72' in r.stdout
+    src = str(model_dir("llama"))
+    for args in (["--help"], ["expand", "--help"], ["inspect", src, "--json"], ["inspect", src], ["inspect", "--help"]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.endswith("imported: []\n"), (args, r.stdout[-300:])
+        assert args[1:2] != [src] or "72" in r.stdout
+
+
+def test_inspect_prints_what_typer_would(model_dir, tmp_path):
+    """`grow inspect SRC [--json] [--debug]` is run without typer's parser: the same output, errors and exit
+    codes as through it; any other command line goes to typer."""
+    from grow.cli import _plain_inspect
+
+    src = str(model_dir("gpt2", True))
+    for args in ([src], [src, "--json"], ["--json", src, "--debug"], [str(tmp_path / "nowhere")],
+                 [str(tmp_path / "nowhere"), "--json"]):
+        assert _plain_inspect(["inspect", *args]) is not None
+        direct = subprocess.run([sys.executable, "-m", "grow", "inspect", *args], capture_output=True, text=True)
+        typer = subprocess.run([sys.executable, "-c", "from grow.cli import app; app()", "inspect", *args],
+                               capture_output=True, text=True)
+        assert (direct.returncode, direct.stdout, direct.stderr) == (typer.returncode, typer.stdout, typer.stderr)
+        assert direct.returncode == (0 if src in args else 1), direct.stderr
+    for args in (["inspect"], ["inspect", "--help"], ["inspect", src, src], ["inspect", src, "--quiet"],
+                 ["inspect", "--", src], ["inspect", src, "--json", "--json"], ["expand", src], []):
+        assert _plain_inspect(args) is None, args
 
 
 def test_api_functions_stay_functions_after_their_modules_load(model_dir):

@@ -175,3 +175,18 @@ def test_an_moe_spec_needs_top_k(tmp_path):
     (tmp_path / "mixtral.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(SpecError, match="sizes.top_k: missing; a spec with experts defines top_k"):
         load_spec(tmp_path / "mixtral.yaml")
+
+
+def test_spec_for_picks_what_a_scan_of_every_validated_spec_picks():
+    """spec_for matches on the files' architectures before validating only the one it returns: the same
+    spec object as the first of all_specs() whose patterns match."""
+    import fnmatch
+
+    from grow.arch.spec import spec_for
+
+    for spec in all_specs():
+        for pattern in spec.architectures:
+            arch = pattern.replace("*", "X").replace("?", "X")
+            first = next(s for s in all_specs() if any(fnmatch.fnmatchcase(arch, p) for p in s.architectures))
+            config = {"architecture": arch} if spec.framework == "timm" else {"architectures": [arch]}
+            assert spec_for(config) is first, arch

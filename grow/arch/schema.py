@@ -2,17 +2,22 @@
 
 A spec that uses a key this schema does not define, a role or space nobody defines, or a size that no
 entry under `sizes` provides is refused with the file and the key named. To add a key: add a field to
-the model of its section below (with a default if older specs lack it), then read it in ArchSpec."""
+the dataclass of its section below (with a default if older specs lack it), then read it in ArchSpec.
+
+Each section is a read-only dataclass whose fields are the keys it may hold; `validate` checks a parsed
+file against them in plain Python (a validation library took longer to import than `grow inspect` runs)."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import GrowError
 
@@ -46,28 +51,68 @@ class SpecError(GrowError):
     """A spec file that does not follow the schema."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Strict:
+    """A section of a spec file: a dataclass (made by @section) whose fields are the keys it may hold,
+    read-only once made. Its methods are written once here rather than generated for every section, as
+    @dataclass(frozen=True) does: that took longer than the rest of `grow inspect`."""
+
+    def __init__(self, **values):
+        fields = dataclasses.fields(self)
+        unknown = values.keys() - {f.name for f in fields}
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        for f in fields:
+            if f.name in values:
+                value = values[f.name]
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            else:
+                raise TypeError(f"{type(self).__name__} needs {f.name}")
+            object.__setattr__(self, f.name, value)
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name):
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in dataclasses.fields(self))})"
+
+    def model_dump(self) -> dict:
+        """The section as plain data: nested sections as dicts, lists and dicts copied."""
+        return dataclasses.asdict(self)
 
 
+section = dataclass(init=False, repr=False, eq=False)
+
+
+@section
 class Tie(_Strict):
     key: str  # boolean config key that says whether the head is the embedding
     default: bool  # its value when the config leaves it out
 
 
+@section
 class Size(_Strict):
     key: Optional[str] = None  # dotted path into config.json; none: the size is implied by `default`
     default: Union[str, int, None] = None  # expression over other sizes, used when the key is absent or null
     ratio_of: Optional[str] = None  # the config stores size / sizes[ratio_of]
-    mirror: list[str] = []  # other config paths that hold the same value
-    aliases: list[str] = []  # config paths read when `key` is absent (names that changed over versions)
+    mirror: list[str] = field(default_factory=list)  # other config paths that hold the same value
+    aliases: list[str] = field(default_factory=list)  # config paths read when `key` is absent (names that changed over versions)
     ffn: bool = False  # an FFN width besides `ffn` itself (an expert's): operators change it as they change the FFN
     # attribute path of the model the framework builds from the config (arch/built.py), read when `key` is
     # absent: the architecture's registered default, which timm leaves out of config.json
     built: Optional[str] = None
-    last_mirror: list[str] = []  # a size written with {s}: config paths that hold the last stage's value
+    last_mirror: list[str] = field(default_factory=list)  # a size written with {s}: config paths that hold the last stage's value
 
 
+@section
 class Tensor(_Strict):
     name: str  # "{i}" stands for the layer index, "{e}" for an expert index
     axes: list[str]  # per axis, a space, or spaces concatenated along it joined by "|"
@@ -79,6 +124,7 @@ class Tensor(_Strict):
     closes_block: bool = False  # a post-LN block's last norm: its output is the block's output
 
 
+@section
 class ModelEntry(_Strict):
     """How transformers loads one architecture, and what grow verify compares."""
 
@@ -92,6 +138,7 @@ class ModelEntry(_Strict):
     head: Optional[str] = None
 
 
+@section
 class MoeKeys(_Strict):
     experts: str
     top_k: str
@@ -99,37 +146,44 @@ class MoeKeys(_Strict):
     shared_ffn: Optional[str] = None
 
 
+@section
 class RenormalizeKey(_Strict):
     key: str  # a boolean config key that says whether the top-k weights are renormalised
 
 
+@section
 class DenseLayers(_Strict):
     list: str  # config key listing the dense layers
     step: str  # config key: with an empty list, layer i is sparse when (i + 1) % step == 0
 
 
+@section
 class FfnParts(_Strict):
     gate: str
     up: str
     down: str
 
 
+@section
 class SharedParts(FfnParts):
     router: str  # the one-row gate whose sigmoid scales the shared expert's output
 
 
+@section
 class Required(_Strict):
     name: str
     like: str  # the tensor whose axis gives its length
     axis: int
 
 
+@section
 class Refusal(_Strict):
     architecture: str
     key: str
     why: str
 
 
+@section
 class FusedExperts(_Strict):
     """Where transformers 5 keeps a layer's experts once loaded: two parameters stacked over the experts."""
     gate_up: str  # [experts, gate rows then up rows, hidden]
@@ -137,10 +191,11 @@ class FusedExperts(_Strict):
     experts: FfnParts  # the checkpoint's per-expert tensors they are built from
 
 
+@section
 class MoeFormat(_Strict):
     model_type: str
     sources: list[str]  # dense architectures this format can hold
-    default_for: list[str] = []  # those for which it is the default
+    default_for: list[str] = field(default_factory=list)  # those for which it is the default
     keys: MoeKeys  # config keys that transformers 4 and 5 both read
     renormalize: Union[Literal["always"], RenormalizeKey]
     dense_layers: Optional[DenseLayers] = None  # none: every layer is sparse
@@ -148,18 +203,20 @@ class MoeFormat(_Strict):
     router: str
     expert: FfnParts
     shared: Optional[SharedParts] = None
-    forbidden: list[str] = []  # source tensors the format has no place for
-    required: list[Required] = []  # tensors the format always has: zeros when the source lacks them
-    set: dict[str, Any] = {}  # fixed config values
-    refuse: list[Refusal] = []  # source config settings the format cannot express
+    forbidden: list[str] = field(default_factory=list)  # source tensors the format has no place for
+    required: list[Required] = field(default_factory=list)  # tensors the format always has: zeros when the source lacks them
+    set: dict[str, Any] = field(default_factory=dict)  # fixed config values
+    refuse: list[Refusal] = field(default_factory=list)  # source config settings the format cannot express
     expert_row_bytes: int = 1  # an expert's width x bytes per value must be a multiple of this (framework kernels)
 
 
+@section
 class PerLayerDefault(_Strict):
     value: str  # expression over i (the layer) and the config keys below
-    config: dict[str, Any] = {}  # config key -> its default when the config leaves it out
+    config: dict[str, Any] = field(default_factory=dict)  # config key -> its default when the config leaves it out
 
 
+@section
 class Spec(_Strict):
     family: str
     framework: Literal["transformers", "timm"]
@@ -173,28 +230,28 @@ class Spec(_Strict):
     single_file: bool = False  # the framework reads no sharded weights
     tie: Optional[Tie] = None
     sizes: dict[str, Size]
-    per_layer: list[str] = []  # config entries holding one value per layer
-    layer_counts: list[str] = []  # config entries counting layers (the first N are special)
-    per_layer_default: dict[str, PerLayerDefault] = {}  # per-layer entries the framework derives when absent
+    per_layer: list[str] = field(default_factory=list)  # config entries holding one value per layer
+    layer_counts: list[str] = field(default_factory=list)  # config entries counting layers (the first N are special)
+    per_layer_default: dict[str, PerLayerDefault] = field(default_factory=dict)  # per-layer entries the framework derives when absent
     optional_prefix: str = ""  # a tensor-name prefix some checkpoints of the family lack
-    size_checks: dict[str, list[str]] = {}  # architecture pattern -> conditions over sizes the framework enforces
-    ignore: list[str] = []  # tensor names to skip (buffers the framework rebuilds)
+    size_checks: dict[str, list[str]] = field(default_factory=dict)  # architecture pattern -> conditions over sizes the framework enforces
+    ignore: list[str] = field(default_factory=list)  # tensor names to skip (buffers the framework rebuilds)
     # operation -> the methods grow can apply to a source of this family; none: every method of every operation
     operations: Optional[dict[Literal[OPERATIONS], list[str]]] = None
     # the model is built of this many stages (ConvNeXt): a size or tensor whose name holds {s} exists once per
     # stage, with {s} in its keys, axes and defaults standing for the stage ({s-1}: the stage before; a tensor
     # naming the stage before exists from the second stage on)
-    stages: Optional[int] = Field(None, ge=1)
+    stages: Optional[int] = field(default=None, metadata={"ge": 1})
     tensors: list[Tensor]
-    models: dict[str, ModelEntry] = {}  # architecture -> how transformers loads it (default: a causal LM)
+    models: dict[str, ModelEntry] = field(default_factory=dict)  # architecture -> how transformers loads it (default: a causal LM)
     reserved_positions: int = 0  # positions the position ids skip (RoBERTa counts from past the padding index)
     moe_format: Optional[MoeFormat] = None  # how `grow upcycle` writes this format
     fused_experts: Optional[FusedExperts] = None  # how transformers 5 holds the per-expert tensors in memory
     # module path -> checkpoint tensor, where a framework version keeps a tensor under another name
-    renamed: dict[str, str] = {}
+    renamed: dict[str, str] = field(default_factory=dict)
     # an old checkpoint's tensor-name ending -> the ending the framework renames it to when it loads
     # (transformers' legacy LayerNorm.gamma / .beta); grow reads the old names and writes the current ones
-    legacy_names: dict[str, str] = {}
+    legacy_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,10 +268,10 @@ def validate(data, file: Path) -> tuple[Spec, Stages]:
     where those entries come from; or SpecError naming the file and every bad key."""
     if not isinstance(data, dict):
         raise SpecError(f"spec {file}: expected a mapping of keys at the top level, found {type(data).__name__}.")
-    try:
-        spec = Spec.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(f"spec {file}: " + "; ".join(_describe(err, data) for err in e.errors()) + ".") from None
+    problems: list[str] = []
+    spec = _section(Spec, data, "", problems)
+    if problems:
+        raise SpecError(f"spec {file}: " + "; ".join(problems) + ".")
     stages = Stages()
     if spec.stages:
         missing = [f"sizes.{name}: missing; a spec with stages defines {' and '.join(STAGED_SIZES)}"
@@ -258,35 +315,107 @@ def _written_out(spec: Spec) -> tuple[Spec, Stages]:
             of_tensor.append(None)
             continue
         for s in range(1 if PREVIOUS_STAGE in text else 0, n):
-            tensors.append(t.model_copy(update={k: fill(getattr(t, k), s) for k in ("name", "axes", "normalises", "norm")}))
+            tensors.append(dataclasses.replace(t, **{k: fill(getattr(t, k), s) for k in ("name", "axes", "normalises", "norm")}))
             of_tensor.append(s)
-    return spec.model_copy(update={"sizes": sizes, "tensors": tensors}), Stages(of_size, tuple(of_tensor))
+    return dataclasses.replace(spec, sizes=sizes, tensors=tensors), Stages(of_size, tuple(of_tensor))
 
 
-def _describe(err: dict, data: dict) -> str:
-    where = _location(err["loc"], data)
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {where}"
-    if err["type"] == "missing":
-        return f"missing key {where}"
-    return f"{where}: {err['msg']} (found {err.get('input')!r})"
+# ---- checking parsed YAML against the sections ---------------------------------------------------
+# Each checker returns the value as the section holds it, or _BAD after adding one problem per bad key to
+# `problems` ("unknown key sizes.ffn.kye", "tensors[3] (name).role: Input should be ... (found 'nrom')").
+
+_BAD = object()
+_TYPES = {str: "a valid string", int: "a valid integer", float: "a valid number", bool: "a valid boolean"}
 
 
-def _location(loc: tuple, data: dict) -> str:
-    """A pydantic error location as the spec author reads it: sizes.hidden.kye, tensors[3] (name).role."""
-    text, node = "", data
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-            node = node[part] if isinstance(node, list) and part < len(node) else None
-            if isinstance(node, dict) and "name" in node:
-                text += f" ({node['name']})"
-        elif part in ("[key]", "literal['always']", "RenormalizeKey", "str", "int", "none"):
-            continue  # a mapping's key, or the branch of a union pydantic tried
-        else:
-            text += ("." if text else "") + str(part)
-            node = node.get(part) if isinstance(node, dict) else None
-    return text
+@cache
+def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _section(cls, data, where: str, problems: list[str]):
+    if not isinstance(data, dict):
+        problems.append(f"{where}: Input should be {_expected(cls)} (found {data!r})")
+        return _BAD
+    values, before = {}, len(problems)
+    for f, hint in _fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"missing key {key}")
+            continue
+        value = _value(hint, data[f.name], key, problems)
+        if "ge" in f.metadata and isinstance(value, int) and value < f.metadata["ge"]:
+            problems.append(f"{key}: Input should be greater than or equal to {f.metadata['ge']} (found {value!r})")
+        values[f.name] = value
+    known = {f.name for f in dataclasses.fields(cls)}
+    problems += [f"unknown key {where}.{k}" if where else f"unknown key {k}" for k in data if k not in known]
+    return cls(**values) if len(problems) == before else _BAD
+
+
+def _value(hint, value, where: str, problems: list[str]):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and issubclass(hint, _Strict):
+        return _section(hint, value, where, problems)
+    if origin in (Union, types.UnionType):
+        return _union(args, value, where, problems)
+    if origin is list and isinstance(value, list):
+        items = [_value(args[0], v, f"{where}[{i}]" + (f" ({v['name']})" if isinstance(v, dict) and "name" in v else ""),
+                        problems) for i, v in enumerate(value)]
+        return _BAD if any(v is _BAD for v in items) else items
+    if origin is dict and isinstance(value, dict):
+        items = [(_value(args[0], k, f"{where}.{k}", problems), _value(args[1], v, f"{where}.{k}", problems))
+                 for k, v in value.items()]
+        return _BAD if any(k is _BAD or v is _BAD for k, v in items) else dict(items)
+    if origin is Literal and value in args:
+        return value
+    if hint is float and type(value) is int:
+        return float(value)
+    if hint in _TYPES and type(value) is hint:
+        return value
+    problems.append(f"{where}: Input should be {_expected(hint)} (found {value!r})")
+    return _BAD
+
+
+def _union(args: tuple, value, where: str, problems: list[str]):
+    """The first branch the value fits; else the problems inside the one branch of the value's shape (a
+    mapping meant for a section or a dictionary, a list), or one sentence naming every branch."""
+    if value is None and type(None) in args:
+        return None
+    branches = [a for a in args if a is not type(None)]
+    for hint in branches:
+        found: list[str] = []
+        out = _value(hint, value, where, found)
+        if not found:
+            return out
+    shaped = [h for h in branches if _shape(h) is type(value)]
+    if len(shaped) == 1:
+        return _value(shaped[0], value, where, problems)
+    problems.append(f"{where}: Input should be {' or '.join(_expected(h) for h in branches)} (found {value!r})")
+    return _BAD
+
+
+def _shape(hint) -> type | None:
+    """dict for a section or a dictionary, list for a list: the container a value of this type is."""
+    if isinstance(hint, type) and issubclass(hint, _Strict):
+        return dict
+    return typing.get_origin(hint) if typing.get_origin(hint) in (list, dict) else None
+
+
+def _expected(hint) -> str:
+    """What a value of this type is, as an error message says it: "a valid string", "'rms' or 'layer'"."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = [repr(a) for a in typing.get_args(hint)]
+        return choices[0] if len(choices) == 1 else ", ".join(choices[:-1]) + " or " + choices[-1]
+    if origin in (list, dict):
+        return f"a valid {'list' if origin is list else 'dictionary'}"
+    if isinstance(hint, type) and issubclass(hint, _Strict):
+        return "a mapping of keys"
+    return _TYPES.get(hint, str(hint))
 
 
 def _names(expr) -> set[str]:

@@ -374,15 +374,21 @@ SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 def load_spec(path: Path) -> ArchSpec:
     """One spec file, validated (SpecError names the file and the key when it breaks the schema)."""
+    return ArchSpec(_parse(path), path)
+
+
+def _parse(path: Path):
     try:
-        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
+        return yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         raise SpecError(f"spec {path}: not valid YAML ({str(e).splitlines()[0]}).") from None
-    return ArchSpec(data, path)
 
 
 def load_specs(folder: Path) -> tuple[ArchSpec, ...]:
-    specs = tuple(load_spec(p) for p in sorted(folder.glob("*.yaml")))
+    return _one_per_family(tuple(load_spec(p) for p in sorted(folder.glob("*.yaml"))))
+
+
+def _one_per_family(specs: tuple[ArchSpec, ...]) -> tuple[ArchSpec, ...]:
     families: dict[str, Path] = {}
     for s in specs:
         if s.family in families:
@@ -392,8 +398,23 @@ def load_specs(folder: Path) -> tuple[ArchSpec, ...]:
 
 
 @cache
+def _shipped_paths() -> tuple[Path, ...]:
+    return tuple(sorted(SPEC_DIR.glob("*.yaml")))
+
+
+@cache
+def _shipped_data(path: Path):
+    return _parse(path)
+
+
+@cache
+def _shipped(path: Path) -> ArchSpec:
+    return ArchSpec(_shipped_data(path), path)
+
+
+@cache
 def all_specs() -> tuple[ArchSpec, ...]:
-    return load_specs(SPEC_DIR)
+    return _one_per_family(tuple(_shipped(p) for p in _shipped_paths()))
 
 
 def supported_architectures() -> list[str]:
@@ -416,7 +437,13 @@ def spec_for(config: dict, where: str = "config.json") -> ArchSpec:
             f"{where} names no architecture (no 'architectures' list, nor timm's 'architecture'); "
             "add it, e.g. \"architectures\": [\"LlamaForCausalLM\"]."
         )
-    for spec in all_specs():
-        if any(fnmatch.fnmatchcase(arch, pat) for pat in spec.architectures):
-            return spec
+    # matched on each file's architectures as written, so that only the spec that is used is validated
+    # and built (all of them take longer than the rest of `grow inspect`)
+    for path in _shipped_paths():
+        data = _shipped_data(path)
+        patterns = data.get("architectures") if isinstance(data, dict) else None
+        if not (isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+            patterns = _shipped(path).architectures  # SpecError: the file breaks the schema
+        if any(fnmatch.fnmatchcase(arch, pat) for pat in patterns):
+            return _shipped(path)
     raise GrowError(f"{where} names architecture {arch}, which grow does not support; supported: {', '.join(supported_architectures())}.")
