@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import traceback
@@ -456,3 +457,6 @@ def main() -> None:
         inspect_cmd(**options)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except BrokenPipeError:  # the reader stopped reading (| head): exit 1 and say nothing, as typer does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -160,6 +160,12 @@ def test_inspect_prints_what_typer_would(model_dir, tmp_path):
                                capture_output=True, text=True)
         assert (direct.returncode, direct.stdout, direct.stderr) == (typer.returncode, typer.stdout, typer.stderr)
         assert direct.returncode == (0 if src in args else 1), direct.stderr
+    for run in (["-m", "grow"], ["-c", "from grow.cli import app; app()"]):  # a reader that stops at once (| head)
+        child = subprocess.Popen([sys.executable, *run, "inspect", src, "--json"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        child.stdout.close()
+        with child.stderr:
+            assert (child.wait(), child.stderr.read()) == (1, b""), run
     for args in (["inspect"], ["inspect", "--help"], ["inspect", src, src], ["inspect", src, "--quiet"],
                  ["inspect", "--", src], ["inspect", src, "--json", "--json"], ["expand", src], []):
         assert _plain_inspect(args) is None, args
