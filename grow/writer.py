@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import queue
 import shutil
@@ -10,6 +12,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, WEIGHTS_NAME, tensor_nbytes
@@ -32,17 +35,79 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-# bytes per write(): one call for a whole 90 MB tensor cost the kernel 8-14 s of system time per 5.4 GB
-# here, 16 MB calls 5 s (measured writing the same buffer; cp's copy of the same bytes: 4.6 s)
+# bytes per write(): the kernel's cost per call is small next to 16 MB, and the staging buffer stays in cache
 WRITE_CHUNK = 16 << 20
+BLOCK = 4096  # O_DIRECT wants buffer address, length and file offset aligned to the device's logical block
+
+
+class StreamFile:
+    """A file written front to back. Where the filesystem allows it, the bytes go to the disk with
+    O_DIRECT through an aligned staging buffer: buffered write() of a 5.7 GB output cost the kernel 20 s of
+    system time here (page-cache allocation, reclaim and dirty throttling), O_DIRECT 0.5 s, with the
+    disk the only limit (and nothing left for `sync` to do). The tail is padded to a block and cut back
+    with ftruncate. Filesystems without O_DIRECT get plain buffered writes."""
+
+    def __init__(self, path: Path, direct: bool = True):
+        self.size = 0
+        self._fd = -1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o644)
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                    raise
+        self.direct = self._fd >= 0
+        if not self.direct:
+            self._fd = os.open(path, flags, 0o644)
+        self._stage = np.frombuffer(mmap.mmap(-1, WRITE_CHUNK), np.uint8) if self.direct else None  # page-aligned
+        self._fill = 0
+
+    def write(self, data) -> None:
+        data = np.frombuffer(data, np.uint8)
+        self.size += len(data)
+        if not self.direct:
+            for at in range(0, len(data), WRITE_CHUNK):
+                _write_all(self._fd, data[at:at + WRITE_CHUNK])
+            return
+        at = 0
+        while at < len(data):
+            n = min(len(data) - at, WRITE_CHUNK - self._fill)
+            np.copyto(self._stage[self._fill:self._fill + n], data[at:at + n])  # memcpy without the GIL
+            self._fill += n
+            at += n
+            if self._fill == WRITE_CHUNK:
+                _write_all(self._fd, self._stage)
+                self._fill = 0
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            if self.direct and self._fill:
+                padded = -(-self._fill // BLOCK) * BLOCK
+                self._stage[self._fill:padded] = 0
+                _write_all(self._fd, self._stage[:padded])
+                os.ftruncate(self._fd, self.size)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _write_all(fd: int, data: np.ndarray) -> None:
+    view = memoryview(data)
+    while len(view):
+        view = view[os.write(fd, view):]
 
 
 class ShardedWriter:
     """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
     so nothing is buffered beyond the tensor being written."""
 
-    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int | None):
+    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int | None,
+                 direct: bool = True):
         self.folder = folder
+        self.direct = direct
         self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
         for item in layout:
@@ -72,7 +137,7 @@ class ShardedWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._file = open(self.folder / self.names[self._shard], "wb")
+        self._file = StreamFile(self.folder / self.names[self._shard], self.direct)
         self._file.write(len(blob).to_bytes(8, "little") + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -82,15 +147,17 @@ class ShardedWriter:
         got_dtype = DTYPE_NAMES[tensor.dtype]
         if (name, got_dtype, tuple(tensor.shape)) != (want_name, want_dtype, tuple(want_shape)):
             raise RuntimeError(f"writer expected {want_name} {want_dtype}{list(want_shape)}, got {name} {got_dtype}{list(tensor.shape)}")
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-        for at in range(0, len(data), WRITE_CHUNK):
-            self._file.write(data[at:at + WRITE_CHUNK])
+        self._file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         self._pos += 1
 
-    def close(self) -> list[str]:
+    def discard(self) -> None:
+        """Close the file being written without finishing it (the run failed; its folder is removed)."""
         if self._file:
             self._file.close()
             self._file = None
+
+    def close(self) -> list[str]:
+        self.discard()
         written = sum(len(s) for s in self.shards[: self._shard]) + self._pos
         if written != sum(len(s) for s in self.shards):
             raise RuntimeError("writer closed before every tensor was written")
@@ -145,6 +212,7 @@ class BackgroundWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        self.writer.discard()
 
     def _raise(self) -> None:
         if self.error is not None:
