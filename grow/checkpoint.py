@@ -9,7 +9,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .errors import GrowError
 
@@ -252,13 +252,14 @@ class Source:
             counts[t.dtype] = counts.get(t.dtype, 0) + numel(t.shape)
         return max(counts, key=counts.get)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, read into memory of its own. A plain read, not a memory map: pages mapped from
-        the source would stay resident and memory would grow with the model."""
+    def get(self, name: str, empty: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """The tensor, read into memory of its own (from `empty(nbytes)`, a uint8 buffer, if given). A
+        plain read, not a memory map: pages mapped from the source would stay resident and memory would
+        grow with the model."""
         import torch
 
         info = self.tensors[name]
-        data = self._read(info, 0, info.nbytes)
+        data = self._read(info, 0, info.nbytes, empty)
         return check_finite(info, data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(info.shape))
 
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
@@ -270,14 +271,14 @@ class Source:
         data = self._read(info, start * row, (stop - start) * row)
         return data.view(getattr(torch, DTYPE_LABELS[info.dtype])).reshape(stop - start, *info.shape[1:])
 
-    def _read(self, info: TensorInfo, at: int, nbytes: int) -> torch.Tensor:
+    def _read(self, info: TensorInfo, at: int, nbytes: int, empty=None) -> torch.Tensor:
         import torch
 
         with self._lock:  # the reading thread and the builder (a tensor no recipe lists) both read
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = open(info.file, "rb", buffering=0)
-        data = torch.empty(nbytes, dtype=torch.uint8)
+        data = empty(nbytes) if empty else torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(data.numpy())
         done = 0
         while done < nbytes:

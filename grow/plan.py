@@ -438,14 +438,15 @@ def _split_tiled(t: torch.Tensor, r: TensorRecipe, start: int, length: int, copi
 class Recycler:
     """Output buffers that the writer has finished with, handed out again for later outputs: their
     pages are already mapped, where a fresh buffer costs the kernel a page fault and a zeroed page for
-    every 4 kB (or 2 MB), which was most of the system time of a run. Holds at most `keep` buffers, and
-    none outside the executor (between runs the memory goes back)."""
+    every 4 kB (or 2 MB), which was most of the system time of a run (on a virtual machine a fresh page
+    can also cost the host a fault). Source tensors are read into them too. Holds at most `keep` free
+    buffers (the largest), and none outside the executor (between runs the memory goes back)."""
 
-    def __init__(self, keep: int = 4):
+    def __init__(self, keep: int = 6):
         self.keep = keep
         self.active = False
         self._free: list[torch.Tensor] = []
-        self._out: OrderedDict = OrderedDict()  # address -> buffer handed out (only those come back)
+        self._out: OrderedDict = OrderedDict()  # addresses of the buffers handed out (only those come back)
         self._lock = threading.Lock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -460,18 +461,17 @@ class Recycler:
             buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         if self.active:
             with self._lock:
-                self._out[buf.data_ptr()] = buf
-                while len(self._out) > self.keep:  # one that never came back is forgotten (and freed with its user)
+                self._out[buf.data_ptr()] = None  # an address only: a buffer never given back is freed with its user
+                while len(self._out) > 64:
                     self._out.popitem(last=False)
         return buf[:nbytes].view(dtype).view(shape)
 
     def give(self, t: torch.Tensor) -> None:
-        """Take back a tensor from empty() that nothing reads any more."""
-        with self._lock:
-            base = self._out.pop(t.data_ptr(), None)
-            if not self.active or base is None:
+        """Take back a tensor from empty() whose memory nothing uses any more."""
+        with self._lock:  # (the tensor itself, not a view into part of it)
+            if not self.active or self._out.pop(t.data_ptr(), 0) is not None:
                 return
-            self._free.append(base)
+            self._free.append(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
             self._free.sort(key=torch.Tensor.numel)
             del self._free[: max(0, len(self._free) - self.keep)]  # keep the largest
 
@@ -488,6 +488,11 @@ class Recycler:
 
 
 RECYCLED = Recycler()
+
+
+def _recycled_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer to read a source tensor into (a fresh one costs a zeroed page per 4 kB)."""
+    return RECYCLED.empty((nbytes,), torch.uint8)
 
 
 def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float, seed: int, workers: int = 1) -> None:
@@ -729,7 +734,10 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         try:
             with RECYCLED.running():
                 for r in plan.recipes:
-                    writer.submit(r.name, materialize(r, reader.next()))
+                    built = materialize(r, reader.next())
+                    reader.recycle(built)
+                    writer.submit(r.name, built)
+                    del built
             files = writer.close()
             hashes = reader.finish()
         finally:
@@ -765,6 +773,7 @@ class Prefetcher:
         self.hasher = hasher
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._stop = threading.Event()
+        self._last: dict[str, torch.Tensor] = {}
         self._thread = threading.Thread(target=self._run, args=([r.sources for r in recipes],), daemon=True)
         self._thread.start()
 
@@ -775,7 +784,7 @@ class Prefetcher:
                     return
                 tensors = {}
                 for name in names:
-                    t = self.source.get(name)
+                    t = self.source.get(name, _recycled_bytes)
                     info = self.source.tensors[name]
                     self.hasher.feed(info.file, info.offset, t.reshape(-1).view(torch.uint8).numpy())
                     tensors[name] = t
@@ -798,7 +807,17 @@ class Prefetcher:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
+        self._last = item
         return lambda name: item[name] if name in item else self.source.get(name)
+
+    def recycle(self, built: torch.Tensor) -> None:
+        """Give the last recipe's source buffers back for later reads, all but any that `built` (the
+        tensor made from them, on its way to the writer) still uses."""
+        keep = built.untyped_storage().data_ptr()
+        for t in self._last.values():
+            if t.untyped_storage().data_ptr() != keep:
+                RECYCLED.give(t)
+        self._last = {}
 
     def finish(self) -> dict[Path, str]:
         """The hashes of every file, once every recipe has been read (reading what no recipe read)."""

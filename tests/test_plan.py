@@ -249,3 +249,29 @@ def test_recycled_buffers_come_back_only_from_the_executor_and_only_whole():
     c = pool.empty((4,), torch.float32)
     pool.give(c)
     assert not pool._free
+
+
+def test_source_buffers_are_recycled_unless_the_output_uses_them(model_dir):
+    """The executor reads source tensors into recycled buffers and gives each back once its recipe is
+    built, except one the built tensor still uses (a copy made as is): the writer has yet to write it."""
+    from types import SimpleNamespace
+
+    from grow.checkpoint import Source, StreamHasher
+
+    source = Source(model_dir("llama"))
+    names = [n for n in source.tensors if n.endswith("weight")][:2]
+    with plan.RECYCLED.running():
+        reader = plan.Prefetcher(source, [SimpleNamespace(sources=(n,)) for n in names], StreamHasher([]))
+        try:
+            free = lambda: {b.data_ptr() for b in plan.RECYCLED._free}  # noqa: E731
+            as_is = reader.next()(names[0])
+            assert as_is.data_ptr() in plan.RECYCLED._out  # read into a recycled buffer
+            reader.recycle(as_is)  # built = the source tensor itself
+            assert as_is.data_ptr() not in free()
+            read = reader.next()(names[1])
+            reader.recycle(read.float() * 2)  # built elsewhere: the source buffer is free again
+            assert read.data_ptr() in free()
+            assert torch.equal(as_is, source.get(names[0]))  # and the one in use was never overwritten
+        finally:
+            reader.stop()
+    source.close()
