@@ -110,6 +110,18 @@ def _legacy_unknown(d):
     d["legacy_names"] = {"norm.gamma": "norm.scale"}
 
 
+def _wrong_type(d):
+    d["single_file"] = 1
+
+
+def _wrong_item_type(d):
+    _tensor(d, "o_proj.weight")["reads"] = "one"
+
+
+def _no_branch_fits(d):
+    d["moe_format"]["renormalize"] = 3
+
+
 CASES = [
     (_llama, _typo_top, "unknown key per_layers"),
     (_llama, _typo_size, "unknown key sizes.ffn.kye"),
@@ -130,6 +142,9 @@ CASES = [
     (_convnext, _no_stages, "stages: Input should be greater than or equal to 1"),
     (_llama, _legacy_unknown, "legacy_names.norm.gamma: no tensor name ends in norm.scale"),
     (_llama, _last_mirror_unstaged, "sizes.hidden.last_mirror: only a size written with {s}"),
+    (_llama, _wrong_type, "single_file: Input should be a valid boolean (found 1)"),
+    (_llama, _wrong_item_type, "o_proj.weight).reads: Input should be a valid integer (found 'one')"),
+    (_qwen2_moe, _no_branch_fits, "moe_format.renormalize: Input should be 'always' or a mapping of keys (found 3)"),
 ]
 
 
@@ -190,3 +205,12 @@ def test_spec_for_picks_what_a_scan_of_every_validated_spec_picks():
             first = next(s for s in all_specs() if any(fnmatch.fnmatchcase(arch, p) for p in s.architectures))
             config = {"architecture": arch} if spec.framework == "timm" else {"architectures": [arch]}
             assert spec_for(config) is first, arch
+
+
+def test_a_validated_spec_is_read_only():
+    import dataclasses
+
+    spec = next(s for s in all_specs() if s.family == "qwen2_moe")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.model.moe_format.router = "model.layers.{i}.mlp.other.weight"
+    assert spec.model.moe_format.model_dump()["keys"]["experts"] == "num_experts"
