@@ -209,7 +209,12 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if m.scale is not None:
             scales.append((axis, m.scale.to(torch.float32)))
     if direct is not None:
-        t = _gather_runs(t, direct, out_dtype)
+        # scales by powers of two (HyperCloning's fan-in halves) ride along with the copy: one pass
+        fuse = (not (fresh_axes or r.noise or r.split or r.offset) and t.dtype == out_dtype
+                and _powers_of_two(scales, r.scale))
+        t = _gather_runs(t, direct, out_dtype, scales if fuse else [], r.scale if fuse else 1.0)
+        if fuse and tuple(t.shape) == tuple(r.shape):
+            return t
     if tiled:
         return _split_tiled(t, r, *tiled, rows)
     if tuple(t.shape) != tuple(r.shape):
@@ -291,15 +296,30 @@ def _runs_per_axis(r: TensorRecipe, dims: int) -> list | None:
     return runs
 
 
-def _gather_runs(t: torch.Tensor, runs: list, out_dtype: torch.dtype) -> torch.Tensor:
-    """gather() along every axis at once: one slice copy per combination of the axes' runs."""
+def _gather_runs(t: torch.Tensor, runs: list, out_dtype: torch.dtype, scales=(), scale: float = 1.0) -> torch.Tensor:
+    """gather() along every axis at once: one slice copy per combination of the axes' runs, times
+    `scale` and the per-axis `scales` (powers of two: exact in any dtype) if given."""
     shape = tuple(sum(n for _, _, n in x) if x else t.shape[k] for k, x in enumerate(runs))
     out = RECYCLED.empty(shape, t.dtype) if t.dtype == out_dtype else torch.empty(shape, dtype=t.dtype)
     for combo in itertools.product(*[x or [(0, 0, t.shape[k])] for k, x in enumerate(runs)]):
         src, dst = t, out
         for k, (to, at, n) in enumerate(combo):
             src, dst = src.narrow(k, at, n), dst.narrow(k, to, n)
-        dst.copy_(src)
+        constant, varying = scale, []
+        for axis, s in scales:
+            part = s.narrow(0, combo[axis][0], combo[axis][2])
+            if bool((part == part[0]).all()):
+                constant *= float(part[0])  # powers of two: the product is exact
+            else:
+                view = [1] * dst.dim()
+                view[axis] = -1
+                varying.append(part.to(out_dtype).view(view))
+        if constant == 1.0:
+            dst.copy_(src)
+        else:
+            torch.mul(src, constant, out=dst)
+        for f in varying:
+            dst.mul_(f)
     return out
 
 

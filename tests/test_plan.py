@@ -291,3 +291,18 @@ def test_source_buffers_are_recycled_unless_the_output_uses_them(model_dir):
         finally:
             reader.stop()
     source.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiled_copy_scales_by_powers_of_two_in_the_same_pass(dtype):
+    """A tensor tiled along both axes and scaled by powers of two (one scale constant over each run,
+    one not) is the gathered tensor times the scales, exactly."""
+    src = torch.randn(6, 4, generator=torch.Generator().manual_seed(0)).to(dtype)
+    rows, cols = torch.arange(6).repeat(2), torch.arange(4).repeat(2)
+    row_scale = torch.tensor([1.0, 2.0, 0.5, 1.0, 0.25, 1.0] * 2)  # varies inside each run
+    col_scale = torch.full((8,), 0.5)  # HyperCloning's fan-in half
+    name = "BF16" if dtype == torch.bfloat16 else "F32"
+    r = TensorRecipe("w", (12, 8), name, ("s",), axes=(AxisMap(rows, row_scale), AxisMap(cols, col_scale)), scale=4.0)
+    out = materialize(r, {"s": src}.__getitem__)
+    want = src.float()[rows][:, cols] * row_scale[:, None] * col_scale[None, :] * 4.0
+    assert out.dtype == dtype and torch.equal(out.float(), want)
