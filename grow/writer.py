@@ -88,7 +88,7 @@ class StreamFile:
     def _flush(self, nbytes: int) -> None:
         """Hand the filled buffer's first nbytes to the writing thread once the other buffer is written."""
         self._wait()
-        self._pending = self._io.submit(_write_direct, self._fd, self._stages[0][:nbytes])
+        self._pending = self._io.submit(_write_all, self._fd, self._stages[0][:nbytes])
         self._stages.reverse()
         self._fill = 0
 
@@ -116,23 +116,18 @@ class StreamFile:
             self._fd = -1
 
 
-def _write_direct(fd: int, data: np.ndarray) -> None:
-    """_write_all on an O_DIRECT file; a filesystem that opens files so but refuses the writes (EINVAL:
-    it wants another alignment) gets the rest of the file through the page cache."""
-    try:
-        _write_all(fd, data)
-    except OSError as e:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
-            raise
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
-        _write_all(fd, data)
-
-
 def _write_all(fd: int, data: np.ndarray) -> None:
+    """Write every byte. A filesystem that opens files O_DIRECT but refuses the writes (EINVAL: it wants
+    another alignment) gets the rest of the file through the page cache."""
     view = memoryview(data)
     while len(view):
-        view = view[os.write(fd, view):]
+        try:
+            view = view[os.write(fd, view):]
+        except OSError as e:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if e.errno != errno.EINVAL or not flags & os.O_DIRECT:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
 
 
 class ShardedWriter:

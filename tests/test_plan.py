@@ -118,14 +118,14 @@ def test_stream_file_writes_every_byte(tmp_path, direct):
 def test_direct_writes_a_filesystem_refuses_go_through_the_page_cache(tmp_path):
     """An O_DIRECT write the filesystem refuses (here: a buffer not aligned to a block) is made through
     the page cache instead, and the file holds every byte."""
-    from grow.writer import _write_direct
+    from grow.writer import _write_all
 
     if not _has_o_direct(tmp_path):
         pytest.skip("this filesystem has no O_DIRECT")
     data = np.arange(3 * BLOCK + 1, dtype=np.uint8)
     fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT | os.O_DIRECT)
     try:
-        _write_direct(fd, data[1:])  # neither the address nor the length is aligned
+        _write_all(fd, data[1:])  # neither the address nor the length is aligned
     finally:
         os.close(fd)
     assert (tmp_path / "out.bin").read_bytes() == data[1:].tobytes()
