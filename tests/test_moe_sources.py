@@ -149,3 +149,17 @@ def test_methods_without_a_rule_for_experts_exit_2(model_dir, tmp_path, kind, ar
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_bf16_moe_source_grows_into_a_bf16_output_that_runs_in_bf16(model_dir, tmp_path, kind):
+    """A mixture of experts saved in bfloat16, as users have them: the HyperCloning output is bf16, exact
+    at bf16's rounding, and its verify report shows it ran in bf16 (experts and router in that dtype)."""
+    import transformers
+
+    src, dst = tmp_path / "bf16", tmp_path / "wide"
+    transformers.AutoModelForCausalLM.from_pretrained(str(model_dir(kind)), dtype=torch.bfloat16).save_pretrained(src)
+    report = grow.expand(src, dst, method="hypercloning", factor=2, verify=True)["verification"]
+    assert report["passed"] and report["layer_by_layer"], report
+    assert report["dtype_check"]["dtype"] == "bfloat16" and report["dtype_check"]["ran"], report["dtype_check"]
+    assert {t.dtype for t in _tensors(dst).values()} == {torch.bfloat16}
