@@ -14,7 +14,7 @@ its spec allows, trains the shrunk models and a random init of the same config a
 the held-out losses.
 
     python scripts/shrink_report.py [--work DIR] [--finetune-steps N] [--quick] [--skip-training|--skip-perplexity]
-    python scripts/shrink_report.py --all-families [--finetune-steps N]
+    python scripts/shrink_report.py --all-families [--families bert,roberta] [--finetune-steps N]
 """
 
 from __future__ import annotations
@@ -117,25 +117,29 @@ def training_table(src: Path, work: Path, setup: T.Setup, task: T.Task, steps: i
         print(f"| {name} | {params:,} | {before:.3f} | {after:.3f} |")
 
 
-def family_table(work: Path, steps: int) -> None:
-    """Every family: the source's held-out loss, and each shrunk model's and the random init's at step 0
-    and after `steps` steps."""
+def family_table(work: Path, steps: int, names: list[str]) -> None:
+    """Every family (or those named): the held-out loss of the training data's token (class) frequencies,
+    the source's, and each shrunk model's and the random init's at step 0 and after `steps` steps."""
     setup = T.FAMILY
     data = T.family_data(work / "data", setup)
     print(f"Every family at hidden {setup.hidden}, {setup.heads} heads / {setup.kv_heads} kv, FFN {setup.ffn}, "
-          f"{setup.layers} layers, trained {setup.steps} steps; shrunk to {dict(T.FAMILIES['llama'].shrink)} "
+          f"{setup.layers} layers, trained {setup.steps} steps (masked LMs: as causal LMs, then {setup.masked_lm_steps} "
+          f"steps as masked LMs at lr {setup.masked_lm_lr:g}); shrunk to {dict(T.FAMILIES['llama'].shrink)} "
           f"(head width kept; MoE: --experts 2 and no --ffn), then {steps} steps for each shrunk model and a "
-          "random init of its config on the same batches. Held-out loss (nats per token; per image for ViT):\n")
-    print(f"| family | objective | source | select: step 0 -> {steps} | subclone: step 0 -> {steps} "
+          "random init of its config on the same batches. Held-out loss (nats per token; per image for ViT); "
+          "frequencies: the loss of predicting the training data's token (class) frequencies:\n")
+    print(f"| family | objective | frequencies | source | select: step 0 -> {steps} | subclone: step 0 -> {steps} "
           f"| random init: step 0 -> {steps} |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name, family in T.FAMILIES.items():
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in names:
+        family = T.FAMILIES[name]
         folder = work / name
         src = T.build_trained_family(folder / "source", name, data, setup)
         losses = T.shrink_and_train(src, folder, name, data, setup, steps)
         cells = [f"{losses[m][0]:.3f} -> {losses[m][1]:.3f}" if m in losses else "not offered"
                  for m in ("select", "subclone", "random")]
-        print(f"| {name} | {family.objective} | {losses['source']:.3f} | {' | '.join(cells)} |", flush=True)
+        print(f"| {name} | {family.objective} | {T.frequency_loss(T.family_task(name, data)):.3f} "
+              f"| {losses['source']:.3f} | {' | '.join(cells)} |", flush=True)
 
 
 def main() -> None:
@@ -148,13 +152,19 @@ def main() -> None:
     ap.add_argument("--skip-perplexity", action="store_true", help="print the training table only")
     ap.add_argument("--all-families", action="store_true",
                     help="the training claim on a small model of every family (the --finetune-steps default: 60)")
+    ap.add_argument("--families", default=",".join(T.FAMILIES),
+                    help="with --all-families: only these (comma-separated; default: all)")
     args = ap.parse_args()
     import transformers
 
     transformers.logging.set_verbosity_error()
     if args.all_families:
         start = time.time()
-        family_table(args.work / "families", 60 if args.finetune_steps is None else args.finetune_steps)
+        names = [n.strip() for n in args.families.split(",") if n.strip()]
+        unknown = [n for n in names if n not in T.FAMILIES]
+        if unknown:
+            ap.error(f"--families: no family {', '.join(unknown)}; choose from {', '.join(T.FAMILIES)}")
+        family_table(args.work / "families", 60 if args.finetune_steps is None else args.finetune_steps, names)
         print(f"\n({time.time() - start:.0f} s; training runs on one CPU thread)", file=sys.stderr)
         return
     setup = T.TEST if args.quick else T.REPORT

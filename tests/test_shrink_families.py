@@ -1,7 +1,9 @@
 """The training claim of shrinking on every family grow shrinks: a tiny model of the family actually
 trained (causal or masked LM on standard-library text, a ViT on coloured shapes), shrunk with every
 method its spec allows; each shrunk model and a random init of the same config then train with the same
-optimizer, schedule, batches and steps, and the shrunk one must be ahead at step 0 and after training.
+optimizer, schedule, batches and steps, and the shrunk one must be clearly ahead at step 0 and after
+training. The source must first have learned more than the frequencies of its tokens (or classes): a
+source that knows only those gives a shrunk model nothing a random init does not learn in a few steps.
 One family per spec file (Llama itself: tests/test_shrink.py, on a larger trained model); the models are
 built in scripts/trained_models.py, and scripts/shrink_report.py --all-families runs every
 architecture longer."""
@@ -12,6 +14,11 @@ import transformers
 import trained_models as T
 
 FINETUNE_STEPS = 30
+# nats (per token, or per image for the ViT). Seen: sources 0.11-1.0 below the frequencies (the masked LMs
+# 0.09-0.16 at source seeds 0-2), shrunk models >= 0.39 ahead at step 0 and >= 0.17 after training
+KNOWS_MORE = 0.05
+START_MARGIN = 0.25
+FINAL_MARGIN = 0.05
 NAMES = ["gemma", "gemma2", "phi3", "olmo2", "gpt_neox", "gpt2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
          "bert", "roberta", "vit"]
 COMPAT = int(transformers.__version__.split(".")[0]) < 5
@@ -31,7 +38,8 @@ def test_shrunk_model_trains_better_than_random_init(family_data, tmp_path, name
     print(f"\n{name}: {losses}")
     random_start, random_final = losses.pop("random")
     source = losses.pop("source")
-    assert source < random_final, losses  # the source learned something worth keeping
+    frequencies = T.frequency_loss(T.family_task(name, family_data))
+    assert source < frequencies - KNOWS_MORE, (frequencies, losses)  # the source learned something worth keeping
     for method, (start, final) in losses.items():
-        assert start < random_start, (method, losses)
-        assert final < random_final, (method, losses)
+        assert start < random_start - START_MARGIN, (method, losses)
+        assert final < random_final - FINAL_MARGIN, (method, losses)
