@@ -756,9 +756,12 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
                                   on_written, depth=WRITE_DEPTH)
         reader = Prefetcher(source, plan.recipes, StreamHasher(_hashed_files(source), progress))
-        if progress:
-            progress("writing", 0, plan.nbytes)
-        try:
+        try:  # threads start inside: a Ctrl-C at any moment stops and joins them (one still running torch
+            # code when the interpreter exits aborts the process)
+            writer.start()
+            reader.start()
+            if progress:
+                progress("writing", 0, plan.nbytes)
             with RECYCLED.running():
                 for r in plan.recipes:
                     built = materialize(r, reader.next())
@@ -768,8 +771,10 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             files = writer.close()
             hashes = reader.finish()
         finally:
-            writer.stop()
-            reader.stop()
+            try:
+                writer.stop()
+            finally:
+                reader.stop()
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
         for f in source.companion_files():
             shutil.copy2(f, tmp / f.name)
@@ -802,6 +807,8 @@ class Prefetcher:
         self._stop = threading.Event()
         self._last: dict[str, torch.Tensor] = {}
         self._thread = threading.Thread(target=self._run, args=([r.sources for r in recipes],), daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _run(self, needs: list[tuple[str, ...]]) -> None:
@@ -853,7 +860,8 @@ class Prefetcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread.ident is not None:  # (started)
+            self._thread.join()
 
 
 PAST_TENSE = {"expand": "expanded", "shrink": "shrunk", "upcycle": "upcycled"}

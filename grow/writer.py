@@ -209,6 +209,8 @@ class BackgroundWriter:
         self._queue: queue.Queue = queue.Queue()
         self._slots = threading.BoundedSemaphore(depth)
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _run(self) -> None:

@@ -279,6 +279,7 @@ def test_source_buffers_are_recycled_unless_the_output_uses_them(model_dir):
     with plan.RECYCLED.running():
         reader = plan.Prefetcher(source, [SimpleNamespace(sources=(n,)) for n in names], StreamHasher([]))
         try:
+            reader.start()
             free = lambda: {b.data_ptr() for b in plan.RECYCLED._free}  # noqa: E731
             as_is = reader.next()(names[0])
             assert as_is.data_ptr() in plan.RECYCLED._out  # read into a recycled buffer
