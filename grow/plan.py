@@ -460,8 +460,8 @@ class Recycler:
     """Output buffers that the writer has finished with, handed out again for later outputs: their
     pages are already mapped, where a fresh buffer costs the kernel a page fault and a zeroed page for
     every 4 kB (or 2 MB), which was most of the system time of a run (on a virtual machine a fresh page
-    can also cost the host a fault). Source tensors are read into them too. Holds at most `keep` free
-    buffers (the largest), and none outside the executor (between runs the memory goes back)."""
+    can also cost the host a fault). Source tensors are read into a pool of their own. Holds at most
+    `keep` free buffers (the largest), and none outside the executor (between runs the memory goes back)."""
 
     def __init__(self, keep: int = 6):
         self.keep = keep
@@ -509,11 +509,14 @@ class Recycler:
 
 
 RECYCLED = Recycler()
+# source tensors are read into buffers of their own: taking output buffers (up to 4x larger in a 2x
+# widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor
+SOURCE_BUFFERS = Recycler(keep=2)
 
 
 def _recycled_bytes(nbytes: int) -> torch.Tensor:
     """A uint8 buffer to read a source tensor into (a fresh one costs a zeroed page per 4 kB)."""
-    return RECYCLED.empty((nbytes,), torch.uint8)
+    return SOURCE_BUFFERS.empty((nbytes,), torch.uint8)
 
 
 def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float, seed: int, workers: int = 1) -> None:
@@ -762,7 +765,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             reader.start()
             if progress:
                 progress("writing", 0, plan.nbytes)
-            with RECYCLED.running():
+            with RECYCLED.running(), SOURCE_BUFFERS.running():
                 for r in plan.recipes:
                     built = materialize(r, reader.next())
                     reader.recycle(built)
@@ -850,7 +853,7 @@ class Prefetcher:
         keep = built.untyped_storage().data_ptr()
         for t in self._last.values():
             if t.untyped_storage().data_ptr() != keep:
-                RECYCLED.give(t)
+                SOURCE_BUFFERS.give(t)
         self._last = {}
 
     def finish(self) -> dict[Path, str]:

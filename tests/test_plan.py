@@ -276,13 +276,13 @@ def test_source_buffers_are_recycled_unless_the_output_uses_them(model_dir):
 
     source = Source(model_dir("llama"))
     names = [n for n in source.tensors if n.endswith("weight")][:2]
-    with plan.RECYCLED.running():
+    with plan.SOURCE_BUFFERS.running():
         reader = plan.Prefetcher(source, [SimpleNamespace(sources=(n,)) for n in names], StreamHasher([]))
         try:
             reader.start()
-            free = lambda: {b.data_ptr() for b in plan.RECYCLED._free}  # noqa: E731
+            free = lambda: {b.data_ptr() for b in plan.SOURCE_BUFFERS._free}  # noqa: E731
             as_is = reader.next()(names[0])
-            assert as_is.data_ptr() in plan.RECYCLED._out  # read into a recycled buffer
+            assert as_is.data_ptr() in plan.SOURCE_BUFFERS._out  # read into a recycled buffer
             reader.recycle(as_is)  # built = the source tensor itself
             assert as_is.data_ptr() not in free()
             read = reader.next()(names[1])
