@@ -463,8 +463,9 @@ class Recycler:
     can also cost the host a fault). Source tensors are read into a pool of their own. Holds at most
     `keep` free buffers (the largest), and none outside the executor (between runs the memory goes back)."""
 
-    def __init__(self, keep: int = 6):
+    def __init__(self, keep: int = 6, largest: bool = True):
         self.keep = keep
+        self.largest = largest  # which free buffers stay: the largest, or the latest given back
         self.active = False
         self._free: list[torch.Tensor] = []
         self._out: OrderedDict = OrderedDict()  # addresses of the buffers handed out (only those come back)
@@ -493,8 +494,14 @@ class Recycler:
             if not self.active or self._out.pop(t.data_ptr(), 0) is not None:
                 return
             self._free.append(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
-            self._free.sort(key=torch.Tensor.numel)
-            del self._free[: max(0, len(self._free) - self.keep)]  # keep the largest
+            if self.largest:
+                self._free.sort(key=torch.Tensor.numel)
+            del self._free[: max(0, len(self._free) - self.keep)]  # the smallest, or the oldest
+
+    def trim(self, nbytes: int) -> None:
+        """Let go of the free buffers larger than nbytes (no tensor still to come needs one)."""
+        with self._lock:
+            self._free = [b for b in self._free if b.numel() <= nbytes]
 
     @contextmanager
     def running(self):
@@ -510,8 +517,9 @@ class Recycler:
 
 RECYCLED = Recycler()
 # source tensors are read into buffers of their own: taking output buffers (up to 4x larger in a 2x
-# widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor
-SOURCE_BUFFERS = Recycler(keep=2)
+# widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor; the latest
+# are kept (a layer's sizes repeat in the next), not the largest (the embedding's, held to the end)
+SOURCE_BUFFERS = Recycler(keep=2, largest=False)
 
 
 def _recycled_bytes(nbytes: int) -> torch.Tensor:
@@ -765,8 +773,13 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             reader.start()
             if progress:
                 progress("writing", 0, plan.nbytes)
+            outputs = _largest_from([tensor_nbytes(r.dtype, r.shape) for r in plan.recipes])
+            sources = _largest_from([max((source.tensors[n].nbytes for n in r.sources), default=0)
+                                     for r in plan.recipes])
             with RECYCLED.running(), SOURCE_BUFFERS.running():
-                for r in plan.recipes:
+                for k, r in enumerate(plan.recipes):
+                    RECYCLED.trim(outputs[k])  # a free buffer no later tensor needs is let go
+                    SOURCE_BUFFERS.trim(sources[k])
                     built = materialize(r, reader.next())
                     reader.recycle(built)
                     writer.submit(r.name, built)
@@ -789,6 +802,11 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_model_card(plan, source))
     return {"seconds": time.perf_counter() - start, "files": files, "bytes": plan.nbytes}
+
+
+def _largest_from(sizes: list[int]) -> list[int]:
+    """[max(sizes[k:]) for every k]."""
+    return list(itertools.accumulate(reversed(sizes), max))[::-1]
 
 
 def _hashed_files(source: Source) -> list[Path]:

@@ -307,3 +307,15 @@ def test_tiled_copy_scales_by_powers_of_two_in_the_same_pass(dtype):
     out = materialize(r, {"s": src}.__getitem__)
     want = src.float()[rows][:, cols] * row_scale[:, None] * col_scale[None, :] * 4.0
     assert out.dtype == dtype and torch.equal(out.float(), want)
+
+
+def test_recycler_keeps_the_largest_or_the_latest_and_lets_go_of_what_no_later_tensor_needs():
+    for largest, kept in ((True, [3000, 4000]), (False, [1000, 2000])):
+        pool = plan.Recycler(keep=2, largest=largest)
+        with pool.running():
+            buffers = [pool.empty((n,), torch.uint8) for n in (3000, 4000, 1000, 2000)]
+            for b in buffers:  # given back in this order
+                pool.give(b)
+            assert sorted(b.numel() for b in pool._free) == kept
+            pool.trim(1500)  # every tensor still to come is at most 1500 bytes
+            assert sorted(b.numel() for b in pool._free) == [n for n in kept if n <= 1500]
