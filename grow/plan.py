@@ -461,7 +461,8 @@ class Recycler:
     pages are already mapped, where a fresh buffer costs the kernel a page fault and a zeroed page for
     every 4 kB (or 2 MB), which was most of the system time of a run (on a virtual machine a fresh page
     can also cost the host a fault). Source tensors are read into a pool of their own. Holds at most
-    `keep` free buffers (the largest), and none outside the executor (between runs the memory goes back)."""
+    `keep` free buffers (the largest, or the latest given back), none that no tensor still to come needs
+    (trim), and none outside the executor (between runs the memory goes back)."""
 
     def __init__(self, keep: int = 6, largest: bool = True):
         self.keep = keep
