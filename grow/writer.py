@@ -134,10 +134,8 @@ class ShardedWriter:
     """Writes tensors in a fixed order straight to disk: headers are known up front from the plan,
     so nothing is buffered beyond the tensor being written."""
 
-    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int | None,
-                 direct: bool = True):
+    def __init__(self, folder: Path, layout: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int | None):
         self.folder = folder
-        self.direct = direct
         self.shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
         size = 0
         for item in layout:
@@ -167,7 +165,7 @@ class ShardedWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        self._file = StreamFile(self.folder / self.names[self._shard], self.direct)
+        self._file = StreamFile(self.folder / self.names[self._shard])
         self._file.write(len(blob).to_bytes(8, "little") + blob)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
