@@ -128,6 +128,7 @@ def test_unknown_method_and_foreign_option(src, tmp_path):
     assert_refused(r, 2, "--shard-size")
 
 
+@pytest.mark.no_transformers
 def test_missing_source(tmp_path):
     assert_refused(expand(tmp_path / "nowhere", tmp_path / "out"), 1, "nowhere")
 

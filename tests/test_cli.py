@@ -182,6 +182,7 @@ def test_api_functions_stay_functions_after_their_modules_load(model_dir):
     assert grow.DEFAULT_TOL == grow.api.DEFAULT_TOL and callable(grow.verify)
 
 
+@pytest.mark.no_transformers
 def test_version_and_short_help():
     import grow
 
@@ -192,6 +193,7 @@ def test_version_and_short_help():
         assert r.exit_code == 0 and "Usage:" in r.stdout
 
 
+@pytest.mark.no_transformers
 def test_help_reads_like_a_cli():
     """Options show a metavar that says what to give (N, SIZE, DTYPE), never a Python type label."""
     import re

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import grow
-from conftest import MODEL_KINDS
+from conftest import MODEL_KINDS, timm_case
 from grow.verify import compare, load_model, run, sample_inputs
 
-CASES = [(k, t, 2, None, None) for k, t in MODEL_KINDS + [("vit", False)]] + [
+CASES = [(k, t, 2, None, None) for k, t in MODEL_KINDS] + [timm_case("vit", False, 2, None, None)] + [
     ("llama", False, 3, 2, None),
     ("qwen2", False, 2, 3, 20.0),
     ("gpt2", True, 3, None, 10.0),
     ("llama", True, 2, None, 15.0),
-    ("vit", False, 3, 2, 20.0),
+    timm_case("vit", False, 3, 2, 20.0),
 ]
 
 
@@ -105,6 +105,7 @@ def test_16_bit_rounding_is_not_claimed_exact(model_dir, tmp_path):
     assert narrowed["exact"] is False  # float32 weights written as bfloat16
 
 
+@pytest.mark.no_transformers
 def test_single_head_vit_grows_its_heads(tmp_path):
     from tiny_models import save_vit
 

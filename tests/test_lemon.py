@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import grow
+from conftest import timm_case
 from grow.arch.view import ModelView
 from grow.cli import app
 from grow.plan import AxisMap, TensorRecipe, materialize
@@ -24,7 +25,7 @@ CASES = [
     ("qwen3", False, dict(ffn=200)),
     ("gpt2", False, dict(hidden=84, ffn=250, layers=3)),  # LayerNorm: average expansion; heads follow hidden
     ("gpt2", True, dict(hidden=96)),
-    ("vit", False, dict(hidden=80, ffn=250, layers=3)),
+    timm_case("vit", False, dict(hidden=80, ffn=250, layers=3)),
 ]
 
 
@@ -74,6 +75,7 @@ def test_new_layers_are_identity_blocks(model_dir, tmp_path):
     assert recipe["stats"]["symmetry_breaking"] == "none needed" and not any("pieces" in n for n in recipe["notes"])
 
 
+@pytest.mark.no_transformers
 def test_mix_makes_weighted_sums_of_source_positions():
     t = torch.arange(6.0).view(2, 3)
     mix = (torch.tensor([3]), torch.full((1, 3), 1 / 3))

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 import grow
+from conftest import timm_case
 from grow.cli import app
 from grow.runtime import load_masks
 from grow.verify import compare, load_model, run, sample_inputs
@@ -19,7 +20,7 @@ CASES = [
     ("qwen2", False, dict(layers=4)),
     ("qwen3", True, dict(hidden=64, heads=6)),
     ("gpt2", True, dict(hidden=60, ffn=250, layers=3)),
-    ("vit", False, dict(hidden=64, ffn=250, layers=3)),
+    timm_case("vit", False, dict(hidden=64, ffn=250, layers=3)),
 ]
 
 

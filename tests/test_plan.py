@@ -13,6 +13,8 @@ import grow.plan as plan
 from grow.plan import AxisMap, Init, Noise, Split, TensorRecipe, materialize, split_pieces
 from grow.writer import BLOCK, WRITE_CHUNK, ShardedWriter, StreamFile, parse_size
 
+pytestmark = pytest.mark.no_transformers  # see tests/conftest.py
+
 
 def _recipe(**kw):
     index0 = torch.tensor([2, 0, 1, -1, 2, 0])
@@ -274,7 +276,7 @@ def test_source_buffers_are_recycled_unless_the_output_uses_them(model_dir):
 
     from grow.checkpoint import Source, StreamHasher
 
-    source = Source(model_dir("llama"))
+    source = Source(model_dir("vit"))
     names = [n for n in source.tensors if n.endswith("weight")][:2]
     with plan.SOURCE_BUFFERS.running():
         reader = plan.Prefetcher(source, [SimpleNamespace(sources=(n,)) for n in names], StreamHasher([]))

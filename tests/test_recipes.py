@@ -110,6 +110,7 @@ def test_run_force_replaces_existing_outputs(model_dir, tmp_path):
     assert not (dst / "stale.txt").exists() and (dst / "model.safetensors").is_file()
 
 
+@pytest.mark.no_transformers
 def test_bad_recipes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("jobs: [{command: explode, src: a, dst: b}]")

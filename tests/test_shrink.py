@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import grow
-from conftest import MODEL_KINDS
+from conftest import MODEL_KINDS, timm_case
 from grow import calibrate
 from grow.arch.view import ModelView
 from grow.checkpoint import Source
@@ -42,7 +42,7 @@ def _quiet(fn, *args, **kwargs):
 
 
 @pytest.mark.parametrize("method", ["select", "subclone"])
-@pytest.mark.parametrize("kind,tied", MODEL_KINDS + [("vit", False)])
+@pytest.mark.parametrize("kind,tied", MODEL_KINDS + [timm_case("vit", False)])
 def test_shrink_every_architecture(model_dir, tmp_path, kind, tied, method):
     src, dst = model_dir(kind, tied), tmp_path / "out"
     shape = SHAPES[kind]
@@ -219,7 +219,7 @@ def test_layer_selection_and_per_layer_config(tmp_path):
         assert model.config.layer_types == out["layer_types"]
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "gpt2", "vit"])
+@pytest.mark.parametrize("kind", ["qwen2", "gpt2", timm_case("vit")])
 def test_subclone_removes_the_layer_that_changes_the_residual_least(model_dir, tmp_path, kind):
     """A block whose residual writers are zero passes its input through: block influence 0 and skip loss
     0, so it is the layer removed by either (position would have removed another), and the shrunk model
@@ -319,6 +319,7 @@ def test_rotation_is_refused_where_the_norm_subtracts_the_mean(model_dir, tmp_pa
     assert any("residual cut by activation, not rotated: a gpt2 model's LayerNorm" in n for n in result["plan"]["notes"])
 
 
+@pytest.mark.no_transformers
 def test_vit_small_to_tiny(tmp_path):
     """The published case: a ViT-S-shaped model (384 wide, 6 heads) to the ViT-T shape (192, 3 heads)."""
     from tiny_models import save_vit
@@ -363,7 +364,7 @@ def test_subclone_ranks_by_activation(model_dir, tmp_path):
     assert torch.equal(hidden, torch.topk(imp.hidden, 48).indices.sort().values)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "vit"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", timm_case("vit")])
 def test_calibration_runs_one_module_at_a_time(model_dir, kind):
     """The layer-by-layer statistics equal those of the whole model run at once, while no more than one
     layer's weights (or one global tensor) was ever in memory."""

@@ -9,9 +9,9 @@ built in scripts/trained_models.py, and scripts/shrink_report.py --all-families 
 architecture longer."""
 
 import pytest
-import transformers
 
 import trained_models as T
+from conftest import COMPAT
 
 FINETUNE_STEPS = 30
 # nats (per token, or per image for the ViT). Seen: sources 0.11-1.0 below the frequencies (the masked LMs
@@ -21,7 +21,6 @@ START_MARGIN = 0.25
 FINAL_MARGIN = 0.05
 NAMES = ["gemma", "gemma2", "phi3", "olmo2", "gpt_neox", "gpt2", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe",
          "bert", "roberta", "vit"]
-COMPAT = int(transformers.__version__.split(".")[0]) < 5
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import grow
 
 
@@ -62,6 +64,7 @@ def test_sharded_source_and_output_reload(model_dir, tmp_path):
     assert all(len(h) == 64 for h in hashed.values())
 
 
+@pytest.mark.no_transformers
 def test_timm_output_is_one_file_and_loads(model_dir, tmp_path):
     import timm
 

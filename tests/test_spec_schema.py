@@ -9,6 +9,8 @@ import yaml
 from grow.arch.schema import ROLES, SpecError
 from grow.arch.spec import SPEC_DIR, all_specs, load_spec, load_specs
 
+pytestmark = pytest.mark.no_transformers  # see tests/conftest.py
+
 
 def test_every_shipped_spec_loads():
     specs = all_specs()

@@ -10,11 +10,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import grow
+from conftest import timm_case
 from grow.cli import app
 from grow.verify import load_model
 
 
-@pytest.mark.parametrize("kind,tied,layers", [("llama", False, 5), ("gpt2", True, 4), ("vit", False, 4)])
+@pytest.mark.parametrize("kind,tied,layers", [("llama", False, 5), ("gpt2", True, 4), timm_case("vit", False, 4)])
 def test_stack_copies_layers_and_reports_divergence(model_dir, tmp_path, kind, tied, layers):
     src, dst = model_dir(kind, tied), tmp_path / "out"
     report = grow.expand(src, dst, method="stack", layers=layers, verify=True)["verification"]

@@ -43,6 +43,7 @@ def test_progress_has_a_hashing_stage(model_dir, tmp_path):
     assert seen["writing"][-1][0] == seen["writing"][-1][1]
 
 
+@pytest.mark.no_transformers
 def test_hashing_never_reads_far_ahead(tmp_path, monkeypatch):
     """A read far ahead of the hash is let go and caught up later, not read through at once."""
     from grow.checkpoint import StreamHasher

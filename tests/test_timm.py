@@ -13,6 +13,8 @@ import grow
 from grow.errors import GrowError, UsageError
 from grow.verify import compare, load_model, run, sample_inputs
 
+pytestmark = pytest.mark.no_transformers  # see tests/conftest.py
+
 TIMM = ["vit_defaults", "deit_distilled", "vit_reg"]
 # (kind, method, options): exact growth
 EXACT = [

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import grow
 import grow.layerwise as layerwise
+from conftest import timm_case
 from grow.cli import app
 from grow.verify import compare, load_model, run, sample_inputs
 
@@ -24,7 +25,7 @@ def _tamper(path, name, amount):
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("kind,tied", [("llama", True), ("gpt2", True), ("vit", False)])
+@pytest.mark.parametrize("kind,tied", [("llama", True), ("gpt2", True), timm_case("vit", False)])
 def test_layerwise_outputs_equal_whole_model_outputs(model_dir, tmp_path, kind, tied):
     src, dst = model_dir(kind, tied), tmp_path / "out"
     grow.expand(src, dst, factor=2)
