@@ -61,7 +61,10 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
             scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device,
             layer_loss=_wants_layer_loss(view, options))
-    return builder(view, **options)
+    from .plan import single_threaded_ops
+
+    with single_threaded_ops():  # planning is many small ops
+        return builder(view, **options)
 
 
 def _wants_layer_loss(view: ModelView, options: dict) -> bool:

@@ -151,12 +151,13 @@ WRITE_DEPTH = 2
 WORK_ELEMENTS = 1 << 20  # float32 elements per working block (4 MB): bounds memory, stays in cache
 
 
-def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.Tensor:
+def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor], workers: int | None = None) -> torch.Tensor:
     """Build one output tensor from its recipe.
 
     Gathers run in the source dtype (copies are exact in any dtype); the arithmetic (scales, new
     values, noise) runs in float32 over blocks of rows and is rounded once to the output dtype, so
-    memory stays near source + output whatever the tensor size."""
+    memory stays near source + output whatever the tensor size. A tiled split runs on `workers`
+    threads of its own (default: torch's thread count)."""
     gen = torch.Generator().manual_seed(r.seed)
     out_dtype = DTYPES[r.dtype]
     if r.sources:
@@ -216,7 +217,7 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor]) -> torch.T
         if fuse and tuple(t.shape) == tuple(r.shape):
             return t
     if tiled:
-        return _split_tiled(t, r, *tiled, rows)
+        return _split_tiled(t, r, *tiled, rows, workers=workers or torch.get_num_threads())
     if tuple(t.shape) != tuple(r.shape):
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)}, expected {list(r.shape)}")
     if not (scales or fresh_axes or r.noise or r.split or r.scale != 1.0):
@@ -384,7 +385,9 @@ def _noise_std(t: torch.Tensor, r: TensorRecipe, scales, step: int) -> float:
 
 # (significand bits, exponent of the smallest subnormal) of the floating-point output dtypes
 _FORMATS = {torch.float32: (24, -149), torch.bfloat16: (8, -133), torch.float16: (11, -24)}
-SPLIT_BLOCK = 1 << 18  # values per working block of a split: its float32 temporaries stay in cache
+# values per working block of a split: its temporaries (7 MB per thread) stay near the cores, and each of
+# its dozen torch ops has enough work to repay a fixed cost (blocks of 2^18 took a quarter longer or more)
+SPLIT_BLOCK = 1 << 19
 
 
 def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -435,7 +438,7 @@ def _tiled_split(r: TensorRecipe) -> tuple[int, int, int] | None:
 
 
 def _split_tiled(t: torch.Tensor, r: TensorRecipe, start: int, length: int, copies: int,
-                 rows: list[tuple[int, int, int]] | None = None) -> torch.Tensor:
+                 rows: list[tuple[int, int, int]] | None = None, workers: int = 1) -> torch.Tensor:
     """The output of a tiled split from t, gathered with one copy of the split positions (and, given
     `rows` as index_runs, not gathered along axis 0): positions outside the copies are copied, the
     copies are written as pieces of t's copy (split_tiles_)."""
@@ -452,7 +455,7 @@ def _split_tiled(t: torch.Tensor, r: TensorRecipe, start: int, length: int, copi
         dst.narrow(axis, start + copies * length, tail).copy_(src.narrow(axis, start + length, tail))
         pieces = [dst.narrow(axis, start + c * length, length) for c in range(copies)]
         split_tiles_(src.narrow(axis, start, length), pieces, r.split.snr_db, (r.seed + k * 1_000_033) % 2**63,
-                     workers=torch.get_num_threads())
+                     workers=workers)
     return out
 
 
@@ -461,12 +464,11 @@ class Recycler:
     pages are already mapped, where a fresh buffer costs the kernel a page fault and a zeroed page for
     every 4 kB (or 2 MB), which was most of the system time of a run (on a virtual machine a fresh page
     can also cost the host a fault). Source tensors are read into a pool of their own. Holds at most
-    `keep` free buffers (the largest, or the latest given back), none that no tensor still to come needs
-    (trim), and none outside the executor (between runs the memory goes back)."""
+    `keep` free buffers (the largest), none larger than the tensors to come need (trim), and none
+    outside the executor (between runs the memory goes back)."""
 
-    def __init__(self, keep: int = 6, largest: bool = True):
+    def __init__(self, keep: int = 6):
         self.keep = keep
-        self.largest = largest  # which free buffers stay: the largest, or the latest given back
         self.active = False
         self._free: list[torch.Tensor] = []
         self._out: OrderedDict = OrderedDict()  # addresses of the buffers handed out (only those come back)
@@ -495,12 +497,11 @@ class Recycler:
             if not self.active or self._out.pop(t.data_ptr(), 0) is not None:
                 return
             self._free.append(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
-            if self.largest:
-                self._free.sort(key=torch.Tensor.numel)
-            del self._free[: max(0, len(self._free) - self.keep)]  # the smallest, or the oldest
+            self._free.sort(key=torch.Tensor.numel)
+            del self._free[: max(0, len(self._free) - self.keep)]  # the smallest
 
     def trim(self, nbytes: int) -> None:
-        """Let go of the free buffers larger than nbytes (no tensor still to come needs one)."""
+        """Let go of the free buffers larger than nbytes (no tensor to come needs one)."""
         with self._lock:
             self._free = [b for b in self._free if b.numel() <= nbytes]
 
@@ -518,9 +519,12 @@ class Recycler:
 
 RECYCLED = Recycler()
 # source tensors are read into buffers of their own: taking output buffers (up to 4x larger in a 2x
-# widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor; the latest
-# are kept (a layer's sizes repeat in the next), not the largest (the embedding's, held to the end)
-SOURCE_BUFFERS = Recycler(keep=2, largest=False)
+# widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor. The largest
+# are kept, so that a layer's small tensors reuse its large ones' buffers (keeping the latest, the
+# small ones, read a third of a Llama's bytes into fresh pages), but only while a tensor within the
+# next SOURCE_WINDOW recipes needs one that large: a tied embedding, read first and last, is let go.
+SOURCE_BUFFERS = Recycler(keep=3)
+SOURCE_WINDOW = 16
 
 
 def _recycled_bytes(nbytes: int) -> torch.Tensor:
@@ -596,8 +600,9 @@ def _workers(n: int) -> ThreadPoolExecutor:
 
 @contextmanager
 def single_threaded_ops():
-    """torch ops on one thread each while threads of our own share the work (an intra-op thread team
-    that waits for a busy core stalls every op)."""
+    """torch ops on one thread each while threads of our own share the work: an intra-op thread team
+    that waits for a busy core stalls every op (planning a 13-layer Llama's HyperCloning took 2.2 s with
+    two threads and the other core busy, 0.06 s with one)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -774,14 +779,16 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             reader.start()
             if progress:
                 progress("writing", 0, plan.nbytes)
-            outputs = _largest_from([tensor_nbytes(r.dtype, r.shape) for r in plan.recipes])
-            sources = _largest_from([max((source.tensors[n].nbytes for n in r.sources), default=0)
-                                     for r in plan.recipes])
-            with RECYCLED.running(), SOURCE_BUFFERS.running():
+            outputs = _largest_ahead([tensor_nbytes(r.dtype, r.shape) for r in plan.recipes])
+            sources = _largest_ahead([max((source.tensors[n].nbytes for n in r.sources), default=0)
+                                      for r in plan.recipes], SOURCE_WINDOW)
+            workers = torch.get_num_threads()  # for the splits; every other op on the builder's own thread,
+            # while the reading, hashing and writing threads keep the other cores busy
+            with RECYCLED.running(), SOURCE_BUFFERS.running(), single_threaded_ops():
                 for k, r in enumerate(plan.recipes):
                     RECYCLED.trim(outputs[k])  # a free buffer no later tensor needs is let go
                     SOURCE_BUFFERS.trim(sources[k])
-                    built = materialize(r, reader.next())
+                    built = materialize(r, reader.next(), workers)
                     reader.recycle(built)
                     writer.submit(r.name, built)
                     del built
@@ -805,9 +812,11 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
     return {"seconds": time.perf_counter() - start, "files": files, "bytes": plan.nbytes}
 
 
-def _largest_from(sizes: list[int]) -> list[int]:
-    """[max(sizes[k:]) for every k]."""
-    return list(itertools.accumulate(reversed(sizes), max))[::-1]
+def _largest_ahead(sizes: list[int], window: int | None = None) -> list[int]:
+    """[max(sizes[k:k + window]) for every k] (to the end without a window)."""
+    if window is None:
+        return list(itertools.accumulate(reversed(sizes), max))[::-1]
+    return [max(sizes[k:k + window]) for k in range(len(sizes))]
 
 
 def _hashed_files(source: Source) -> list[Path]:
@@ -838,13 +847,13 @@ class Prefetcher:
             for names in needs:
                 if self._stop.is_set():
                     return
-                tensors = {}
-                for name in names:
-                    t = self.source.get(name, _recycled_bytes)
+                tensors = {name: self.source.get(name, _recycled_bytes) for name in names}
+                self._put(tensors)
+                # hashed while the builder works: their buffers, even once given back, are reused only by
+                # this thread's next reads
+                for name, t in tensors.items():
                     info = self.source.tensors[name]
                     self.hasher.feed(info.file, info.offset, t.reshape(-1).view(torch.uint8).numpy())
-                    tensors[name] = t
-                self._put(tensors)
                 del tensors
         except BaseException as e:  # handed to the builder at its next call
             self._put(e)

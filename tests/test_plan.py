@@ -311,13 +311,20 @@ def test_tiled_copy_scales_by_powers_of_two_in_the_same_pass(dtype):
     assert out.dtype == dtype and torch.equal(out.float(), want)
 
 
-def test_recycler_keeps_the_largest_or_the_latest_and_lets_go_of_what_no_later_tensor_needs():
-    for largest, kept in ((True, [3000, 4000]), (False, [1000, 2000])):
-        pool = plan.Recycler(keep=2, largest=largest)
-        with pool.running():
-            buffers = [pool.empty((n,), torch.uint8) for n in (3000, 4000, 1000, 2000)]
-            for b in buffers:  # given back in this order
-                pool.give(b)
-            assert sorted(b.numel() for b in pool._free) == kept
-            pool.trim(1500)  # every tensor still to come is at most 1500 bytes
-            assert sorted(b.numel() for b in pool._free) == [n for n in kept if n <= 1500]
+def test_recycler_keeps_the_largest_and_lets_go_of_what_no_tensor_to_come_needs():
+    pool = plan.Recycler(keep=2)
+    with pool.running():
+        buffers = [pool.empty((n,), torch.uint8) for n in (3000, 4000, 1000, 2000)]
+        for b in buffers:  # given back in this order
+            pool.give(b)
+        assert sorted(b.numel() for b in pool._free) == [3000, 4000]
+        pool.trim(3500)  # every tensor to come is at most 3500 bytes
+        assert [b.numel() for b in pool._free] == [3000]
+
+
+def test_largest_ahead_looks_only_as_far_as_its_window():
+    """What the executor trims source buffers to: a tied embedding, read first and last, is not held
+    through the whole model."""
+    sizes = [900, 10, 20, 10, 20, 900]
+    assert plan._largest_ahead(sizes) == [900] * 6
+    assert plan._largest_ahead(sizes, 2) == [900, 20, 20, 20, 900, 900]
