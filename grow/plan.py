@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import DTYPES, INDEX_NAME, Source, StreamHasher, numel, tensor_nbytes
-from .writer import BackgroundWriter, ShardedWriter, atomic_folder, check_target
+from .writer import BLOCK, BackgroundWriter, ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
 
@@ -465,10 +465,14 @@ class Recycler:
     every 4 kB (or 2 MB), which was most of the system time of a run (on a virtual machine a fresh page
     can also cost the host a fault). Source tensors are read into a pool of their own. Holds at most
     `keep` free buffers (the largest), none larger than the tensors to come need (trim), and none
-    outside the executor (between runs the memory goes back)."""
+    outside the executor (between runs the memory goes back). With `align`, a tensor starts `phase`
+    bytes past a multiple of it: the executor sets the phase to where the tensor will lie in its file,
+    so that the writer sends it to disk from where it is (O_DIRECT wants both aligned alike)."""
 
-    def __init__(self, keep: int = 6):
+    def __init__(self, keep: int = 6, align: int = 1):
         self.keep = keep
+        self.align = align
+        self.phase = 0
         self.active = False
         self._free: list[torch.Tensor] = []
         self._out: OrderedDict = OrderedDict()  # addresses of the buffers handed out (only those come back)
@@ -477,19 +481,22 @@ class Recycler:
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """torch.empty(shape, dtype), on a recycled buffer when one is large enough."""
         nbytes = numel(shape) * torch.empty((), dtype=dtype).element_size()
+        size = nbytes + self.align - 1
         with self._lock:
-            fits = [b for b in self._free if b.numel() >= nbytes]
+            fits = [b for b in self._free if b.numel() >= size]
             buf = min(fits, key=torch.Tensor.numel) if fits else None
             if buf is not None:
                 self._free = [b for b in self._free if b is not buf]  # (== would compare the contents)
         if buf is None:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+            buf = torch.empty(max(size, 1), dtype=torch.uint8)
+        skip = (self.phase - buf.data_ptr()) % self.align
+        out = buf[skip:skip + nbytes]
         if self.active:
             with self._lock:
-                self._out[buf.data_ptr()] = None  # an address only: a buffer never given back is freed with its user
+                self._out[out.data_ptr()] = None  # an address only: a buffer never given back is freed with its user
                 while len(self._out) > 64:
                     self._out.popitem(last=False)
-        return buf[:nbytes].view(dtype).view(shape)
+        return out.view(dtype).view(shape)
 
     def give(self, t: torch.Tensor) -> None:
         """Take back a tensor from empty() whose memory nothing uses any more."""
@@ -512,12 +519,13 @@ class Recycler:
             yield self
         finally:
             self.active = False
+            self.phase = 0
             with self._lock:
                 self._free.clear()
                 self._out.clear()
 
 
-RECYCLED = Recycler()
+RECYCLED = Recycler(align=BLOCK)
 # source tensors are read into buffers of their own: taking output buffers (up to 4x larger in a 2x
 # widening) left the large outputs to fresh memory, and peak RSS grew by a largest tensor. The largest
 # are kept, so that a layer's small tensors reuse its large ones' buffers (keeping the latest, the
@@ -770,8 +778,8 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             if progress:
                 progress("writing", written[0], plan.nbytes)
 
-        writer = BackgroundWriter(ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size),
-                                  on_written, depth=WRITE_DEPTH)
+        layout = ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size)
+        writer = BackgroundWriter(layout, on_written, depth=WRITE_DEPTH)
         reader = Prefetcher(source, plan.recipes, StreamHasher(_hashed_files(source), progress))
         try:  # threads start inside: a Ctrl-C at any moment stops and joins them (one still running torch
             # code when the interpreter exits aborts the process)
@@ -788,6 +796,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
                 for k, r in enumerate(plan.recipes):
                     RECYCLED.trim(outputs[k])  # a free buffer no later tensor needs is let go
                     SOURCE_BUFFERS.trim(sources[k])
+                    RECYCLED.phase = layout.file_offsets[k] % BLOCK
                     built = materialize(r, reader.next(), workers)
                     reader.recycle(built)
                     writer.submit(r.name, built)

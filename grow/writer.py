@@ -47,8 +47,10 @@ class StreamFile:
     O_DIRECT through two aligned staging buffers, one filled while a thread of the file's own writes the
     other: buffered write() of a 5.4 GB output cost the kernel 18 s of CPU here (page-cache allocation,
     reclaim and dirty throttling) where O_DIRECT leaves the disk the only limit, and nothing for `sync` to
-    do (scripts/bench_write.py). The tail is padded to a block and cut back with ftruncate. Filesystems
-    without O_DIRECT get plain buffered writes."""
+    do (scripts/bench_write.py). Data whose address is as far past a block boundary as its place in the
+    file (grow's output buffers are placed so) is written where it lies, all but its first and last
+    partial blocks, without the copy into staging. The tail is padded to a block and cut back with
+    ftruncate. Filesystems without O_DIRECT get plain buffered writes."""
 
     def __init__(self, path: Path, direct: bool = True):
         self.size = 0
@@ -71,11 +73,25 @@ class StreamFile:
 
     def write(self, data) -> None:
         data = np.frombuffer(data, np.uint8)
+        offset = self.size
         self.size += len(data)
         if not self.direct:
             for at in range(0, len(data), WRITE_CHUNK):
                 _write_all(self._fd, data[at:at + WRITE_CHUNK])
             return
+        head = -offset % BLOCK  # bytes up to the file's next block boundary
+        whole = (len(data) - head) // BLOCK * BLOCK if len(data) > head else 0
+        if whole >= WRITE_CHUNK and (data.ctypes.data + head) % BLOCK == 0:
+            self._stage(data[:head])  # staging now ends on a block boundary
+            if self._fill:
+                self._flush(self._fill)
+            self._wait()
+            _write_all(self._fd, data[head:head + whole])  # from where the data lies
+            data = data[head + whole:]
+        self._stage(data)
+
+    def _stage(self, data: np.ndarray) -> None:
+        """Copy into the staging buffers, handing each full one to the writing thread."""
         at = 0
         while at < len(data):
             n = min(len(data) - at, WRITE_CHUNK - self._fill)
@@ -151,22 +167,27 @@ class ShardedWriter:
         self._shard = -1
         self._pos = 0
         self._file = None
+        self._headers = []
+        self.file_offsets: list[int] = []  # where each tensor's bytes start in its file, in layout order
+        for shard in self.shards:
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, dtype, shape in shard:
+                nbytes = tensor_nbytes(dtype, shape)
+                header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            self._headers.append(len(blob).to_bytes(8, "little") + blob)
+            self.file_offsets += [len(self._headers[-1]) + h["data_offsets"][0] for h in list(header.values())[1:]]
 
     def _open_next(self) -> None:
         if self._file:
             self._file.close()
         self._shard += 1
         self._pos = 0
-        header: dict = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape in self.shards[self._shard]:
-            nbytes = tensor_nbytes(dtype, shape)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
         self._file = StreamFile(self.folder / self.names[self._shard])
-        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        self._file.write(self._headers[self._shard])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._file is None or self._pos == len(self.shards[self._shard]):

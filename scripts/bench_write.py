@@ -2,7 +2,10 @@
 
   cp          `cp` of a file of N bytes, then `sync` (the disk floor)
   buffered    grow.writer.StreamFile without O_DIRECT: write() in 16 MB calls through the page cache, then `sync`
-  O_DIRECT    grow.writer.StreamFile as grow uses it: O_DIRECT through an aligned staging buffer, then `sync`
+  O_DIRECT    grow.writer.StreamFile with O_DIRECT, the data copied through its aligned staging buffers,
+              then `sync`
+  placed      the same with data placed as grow places its output tensors (as far past a page boundary
+              as its offset in the file): written from where it lies, no copy, then `sync`
 
 The three alternate, --runs times each, each in a child process of its own, and the medians are
 compared. The bytes written come from one 16 MB buffer, and the grow children time themselves from
@@ -28,13 +31,19 @@ WRITE_CHUNK_BYTES = 16 << 20
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's grow, in the children too
 
 
-def write_file(path: Path, nbytes: int, direct: bool) -> tuple[float, float]:
+def write_file(path: Path, nbytes: int, mode: str) -> tuple[float, float]:
     """Write and sync; wall and CPU (user + system) seconds of doing so."""
+    import mmap
+
     import numpy as np
 
     from grow.writer import WRITE_CHUNK, StreamFile
 
-    chunk = np.random.default_rng(0).integers(0, 256, WRITE_CHUNK, dtype=np.uint8)
+    direct = mode != "buffered"
+    # one page in: a page-aligned chunk is placed like its file offsets (multiples of its size)
+    memory = np.frombuffer(mmap.mmap(-1, WRITE_CHUNK + 4096), np.uint8)
+    chunk = memory[:WRITE_CHUNK] if mode == "placed" else memory[1:WRITE_CHUNK + 1]
+    chunk[:] = np.random.default_rng(0).integers(0, 256, WRITE_CHUNK, dtype=np.uint8)
     start, cpu = time.perf_counter(), _cpu()
     f = StreamFile(path, direct)
     for at in range(0, nbytes, WRITE_CHUNK):
@@ -73,7 +82,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(*write_file(Path(args.child[0]), int(args.child[1]), args.child[2] == "direct"))
+        print(*write_file(Path(args.child[0]), int(args.child[1]), args.child[2]))
         return
     nbytes = int(args.gb * 1e9)
     work = args.workdir.resolve()
@@ -82,7 +91,7 @@ def main() -> None:
     if shutil.disk_usage(work).free < 2.2 * nbytes:
         sys.exit(f"{work} needs {2.2 * nbytes / 1e9:.1f} GB free; pass a smaller --gb or another --workdir.")
     source = work / "source.bin"
-    write_file(source, nbytes, direct=True)
+    write_file(source, nbytes, "placed")
     with open(source, "rb") as f:  # into the page cache: cp then only writes, as the others do
         while f.read(WRITE_CHUNK_BYTES):
             pass
@@ -91,6 +100,7 @@ def main() -> None:
         "cp": ["cp", str(source), str(out)],
         "buffered": [sys.executable, __file__, "--child", str(out), str(nbytes), "buffered"],
         "O_DIRECT": [sys.executable, __file__, "--child", str(out), str(nbytes), "direct"],
+        "placed": [sys.executable, __file__, "--child", str(out), str(nbytes), "placed"],
     }
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
     try:

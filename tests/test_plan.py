@@ -117,6 +117,38 @@ def test_stream_file_writes_every_byte(tmp_path, direct):
     assert (tmp_path / "out.bin").read_bytes() == np.concatenate(pieces).tobytes()
 
 
+def test_data_placed_like_its_file_offset_is_written_where_it_lies(tmp_path, monkeypatch):
+    """A piece whose address is as far past a block boundary as its file offset (grow's output buffers,
+    placed by the recycler) goes to disk from its own memory, all but its partial first and last
+    blocks; one placed otherwise goes through staging. The file holds every byte either way."""
+    from grow import writer
+
+    if not _has_o_direct(tmp_path):
+        pytest.skip("this filesystem has no O_DIRECT")
+    writes, write_all = [], writer._write_all  # (address, length) of every write
+    monkeypatch.setattr(writer, "_write_all", lambda fd, data: writes.append((data.ctypes.data, len(data)))
+                        or write_all(fd, data))
+    pool = plan.Recycler(align=BLOCK)
+    gen = np.random.default_rng(1)
+    pieces = [gen.integers(0, 256, 1000, dtype=np.uint8)]
+    f = StreamFile(tmp_path / "out.bin")
+    f.write(pieces[0])
+    placed = []
+    for phase in (1000, 7):  # the file offset's phase, then another
+        pool.phase = phase
+        t = pool.empty((WRITE_CHUNK + BLOCK + 1,), torch.uint8)
+        assert t.data_ptr() % BLOCK == phase
+        t.copy_(torch.from_numpy(gen.integers(0, 256, t.numel(), dtype=np.uint8)))
+        pieces.append(t.numpy().copy())
+        placed.append(t.data_ptr())
+        f.write(t.numpy())
+    f.close()
+    assert (tmp_path / "out.bin").read_bytes() == np.concatenate(pieces).tobytes()
+    first, second = placed
+    assert (first + BLOCK - 1000, WRITE_CHUNK) in writes  # from where it lies, from the next block on
+    assert not any(second <= at < second + WRITE_CHUNK + BLOCK for at, _ in writes)  # staged
+
+
 def test_direct_writes_a_filesystem_refuses_go_through_the_page_cache(tmp_path):
     """An O_DIRECT write the filesystem refuses (here: a buffer not aligned to a block) is made through
     the page cache instead, and the file holds every byte."""

@@ -3,6 +3,7 @@ order the plan reads tensors in (in file order, again and again, or only some of
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -58,3 +59,29 @@ def test_hashing_never_reads_far_ahead(tmp_path, monkeypatch):
     h.feed(path, 100, data[100:500_000])  # a small gap (the "header") is read, then hashed in order
     assert h.done == 500_000
     assert h.finish()[path] == hashlib.sha256(data).hexdigest()
+
+
+
+def test_outputs_go_to_disk_from_where_they_were_built(model_dir, tmp_path, monkeypatch):
+    """The executor places each output where O_DIRECT can write it from (as far past a block boundary
+    as its offset in the file). With staging buffers smaller than the tensors, most bytes go to disk
+    from the tensors' own memory, and the file is byte for byte the one written through staging."""
+    from grow import writer
+
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except (OSError, AttributeError):
+        pytest.skip("this filesystem has no O_DIRECT")
+    src = model_dir("llama")
+    options = dict(method="hypercloning", factor=2, shard_size="400KB")  # offsets in several files
+    grow.expand(src, tmp_path / "staged", **options)  # tensors under 16 MB: staged
+    writes, write_all = [], writer._write_all
+    monkeypatch.setattr(writer, "_write_all", lambda fd, data: writes.append(len(data)) or write_all(fd, data))
+    monkeypatch.setattr(writer, "WRITE_CHUNK", 4 * writer.BLOCK)
+    grow.expand(src, tmp_path / "direct", **options)
+    own = sum(n for n in writes if n > writer.WRITE_CHUNK)  # staged writes are at most one buffer
+    assert own > 0.8 * sum(writes)
+    shards = sorted(p.name for p in (tmp_path / "staged").glob("*.safetensors"))
+    assert len(shards) > 1
+    for name in shards:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes()
