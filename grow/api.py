@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import DEFAULT_TOL, recipes
 from .arch.view import ModelView
-from .checkpoint import DTYPE_LABELS, Source
+from .checkpoint import DTYPE_LABELS, Source, StreamHasher
 from .errors import GrowError, Interrupted, UsageError, VerificationFailed
 
 if TYPE_CHECKING:
@@ -87,21 +87,26 @@ def _check_operation(view: ModelView, operation: str, method: str) -> None:
     raise UsageError(f"grow cannot {operation} a {view.architecture} checkpoint with --method {method}; it can {can}.")
 
 
-def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,
+def _operate(operation: str, src, dst, method: str, *, dry_run: bool, verify: bool, force: bool,
              shard_size, tol: float, progress, options: dict, device="cpu") -> dict:
-    from .plan import execute
-    from .verify import verify as _verify
-    from .writer import parse_size
-
-    if method not in methods:
-        raise UsageError(f"--method {method} is not a way to {operation}; choose one of {', '.join(methods)}.")
     if dst is None and not dry_run:
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
-    shard_bytes = parse_size(shard_size)
     source = Source(src)
+    # the source's sha256 (for grow.json) is computed while torch and the operators import
+    hasher = None if dry_run else StreamHasher(source.hashed_files())
     written = False  # from here on an interrupt leaves the output complete, and says so
     try:
         try:
+            if hasher:
+                hasher.hash_ahead()
+            from . import ops
+            from .plan import execute
+            from .writer import parse_size
+
+            methods = {"expand": ops.EXPAND_METHODS, "shrink": ops.SHRINK_METHODS, "upcycle": ops.UPCYCLE_METHODS}[operation]
+            if method not in methods:
+                raise UsageError(f"--method {method} is not a way to {operation}; choose one of {', '.join(methods)}.")
+            shard_bytes = parse_size(shard_size)
             view = ModelView(source)
             _check_operation(view, operation, method)
             if view.spec.single_file:
@@ -112,9 +117,12 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
             result = {"source": source.id, "source_parameters": source.num_parameters, "plan": plan.summary()}
             if dry_run:
                 return result
-            stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress)
+            stats = execute(plan, source, Path(dst), shard_size=shard_bytes, force=force, progress=progress,
+                            hasher=hasher)
             written = True
         finally:
+            if hasher:
+                hasher.take_over()  # (stops the thread, if nothing did)
             source.close()  # calibration and the executor read through it
         result.update(
             target=str(Path(dst).resolve()),
@@ -126,6 +134,8 @@ def _operate(operation: str, methods: dict, src, dst, method: str, *, dry_run: b
         )
         del result["plan"]["tensors"]
         if verify:
+            from .verify import verify as _verify
+
             result["verification"] = _verify(source.path, dst, tol=tol, device=device, progress=progress)
     except KeyboardInterrupt:
         if not written:
@@ -141,9 +151,7 @@ def expand(src, dst=None, *, method: str = "hypercloning", dry_run: bool = False
     (hypercloning: factor, ffn_factor, noise, noise_snr_db, seed, dtype; lemon: hidden, ffn, heads, kv_heads,
     layers, split ("element" or "column"), noise_snr_db, seed, dtype; stack: layers, dtype; msg: hidden, ffn,
     heads, kv_heads, layers, ramp_steps, seed, dtype)."""
-    from .ops import EXPAND_METHODS
-
-    return _operate("expand", EXPAND_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    return _operate("expand", src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 
@@ -152,9 +160,7 @@ def shrink(src, dst=None, *, method: str = "select", dry_run: bool = False, veri
     """Write a smaller model that keeps as much of `src` as the method can. Options: the target sizes
     hidden, ffn, heads, kv_heads, layers (left out: unchanged), seed, dtype; select: layer_selection,
     element_selection; subclone: calibration, calibration_tokens, scores."""
-    from .ops import SHRINK_METHODS
-
-    return _operate("shrink", SHRINK_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    return _operate("shrink", src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 
@@ -163,9 +169,7 @@ def upcycle(src, dst=None, *, method: str = "moe", dry_run: bool = False, verify
     """Turn a dense model into a mixture of experts that starts out computing what `src` did. Options
     (moe): experts, top_k, granularity, shared_expert, format, router, router_std, expert_noise, moe_layers,
     renormalize, seed, dtype."""
-    from .ops import UPCYCLE_METHODS
-
-    return _operate("upcycle", UPCYCLE_METHODS, src, dst, method, dry_run=dry_run, verify=verify, force=force,
+    return _operate("upcycle", src, dst, method, dry_run=dry_run, verify=verify, force=force,
                     shard_size=shard_size, tol=tol, progress=progress, options=options, device=device)
 
 

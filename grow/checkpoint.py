@@ -288,6 +288,13 @@ class Source:
             done += n
         return data
 
+    def hashed_files(self) -> list[Path]:
+        """The files whose sha256 grow.json records: the config, the index and every weights file."""
+        paths = [self.path / "config.json", *self.files]
+        if (self.path / INDEX_NAME).is_file():
+            paths.insert(1, self.path / INDEX_NAME)
+        return paths
+
     def companion_files(self) -> list[Path]:
         return [self.inside(self.path / n) for n in COMPANION_FILES if (self.path / n).is_file()]
 
@@ -330,7 +337,9 @@ class StreamHasher:
     pass; a small gap before them (the header, a small tensor read later or never) is read and hashed
     then; a read far ahead is let go (the hash catches up with it when the reads that come before it
     arrive, or at the end), so reading out of file order never stalls the reads; a range already
-    passed is ignored; whatever was never reached is read at the end (finish)."""
+    passed is ignored; whatever was never reached is read at the end (finish). Before the reads begin,
+    hash_ahead() reads and hashes the files in order on a thread of its own, while the process has
+    nothing else for the disk and the second core to do (importing torch takes seconds)."""
 
     CHUNK = 1 << 24
     GAP = 1 << 26  # larger gaps are not read while streaming
@@ -340,8 +349,34 @@ class StreamHasher:
         self.total = sum(Path(p).stat().st_size for p in paths)
         self.done = 0
         self.progress = progress
+        self._ahead: threading.Thread | None = None
+        self._stop = threading.Event()
         if progress:
             progress("hashing", 0, self.total)
+
+    def hash_ahead(self) -> None:
+        """Start hashing the files front to back until take_over()."""
+        self._ahead = threading.Thread(target=self._run_ahead, daemon=True, name="grow-hash-ahead")
+        self._ahead.start()
+
+    def _run_ahead(self) -> None:
+        try:
+            for path in self.state:
+                if self._stop.is_set():
+                    return
+                self._catch_up(path, None, self._stop)
+        except OSError:
+            return  # a file that cannot be read is reported by the reads made anyway
+
+    def take_over(self, progress=None) -> None:
+        """Stop hashing ahead (the reads made anyway feed the hash from here on), reporting to progress."""
+        self._stop.set()
+        if self._ahead is not None:
+            self._ahead.join()
+            self._ahead = None
+        self.progress = progress
+        if progress:
+            progress("hashing", self.done, self.total)
 
     def feed(self, path: Path, offset: int, data) -> None:
         """Bytes `data` read from `path` at `offset`."""
@@ -362,17 +397,19 @@ class StreamHasher:
         if self.progress:
             self.progress("hashing", self.done, self.total)
 
-    def _catch_up(self, path: Path, until: int | None) -> None:
+    def _catch_up(self, path: Path, until: int | None, stop: threading.Event | None = None) -> None:
         state = self.state[path]
+        buffer = memoryview(bytearray(self.CHUNK))
         with open(path, "rb", buffering=0) as f:
             f.seek(state[1])
-            while until is None or state[1] < until:
-                block = f.read(self.CHUNK if until is None else min(self.CHUNK, until - state[1]))
-                if not block:
+            while (until is None or state[1] < until) and not (stop and stop.is_set()):
+                n = f.readinto(buffer if until is None else buffer[:min(self.CHUNK, until - state[1])])
+                if not n:
                     break
-                self._update(state, block)
+                self._update(state, buffer[:n])
 
     def finish(self) -> dict[Path, str]:
+        self.take_over(self.progress)
         for path in self.state:
             self._catch_up(path, None)
         return {path: h.hexdigest() for path, (h, _) in self.state.items()}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import DTYPES, INDEX_NAME, Source, StreamHasher, numel, tensor_nbytes
+from .checkpoint import DTYPES, Source, StreamHasher, numel, tensor_nbytes
 from .writer import BLOCK, BackgroundWriter, ShardedWriter, atomic_folder, check_target
 
 RECIPE_FILE = "grow.json"
@@ -763,9 +763,9 @@ class Plan:
 
 
 def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, force: bool = False,
-            progress: Callable[[str, int, int | None], None] | None = None) -> dict:
-    """Stream the plan into dst: one thread reads (and hashes) the sources of the next tensor while this
-    one is built and the previous one is written by another."""
+            progress: Callable[[str, int, int | None], None] | None = None, hasher: StreamHasher | None = None) -> dict:
+    """Stream the plan into dst: one thread reads (and hashes, continuing `hasher` if given) the sources
+    of the next tensor while this one is built and the previous one is written by another."""
     dst = Path(dst)
     check_target(source.path, dst, force)
     start = time.perf_counter()
@@ -780,7 +780,10 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
 
         layout = ShardedWriter(tmp, [(r.name, r.dtype, r.shape) for r in plan.recipes], shard_size)
         writer = BackgroundWriter(layout, on_written, depth=WRITE_DEPTH)
-        reader = Prefetcher(source, plan.recipes, StreamHasher(_hashed_files(source), progress))
+        if hasher is None:
+            hasher = StreamHasher(source.hashed_files())
+        hasher.take_over(progress)
+        reader = Prefetcher(source, plan.recipes, hasher)
         try:  # threads start inside: a Ctrl-C at any moment stops and joins them (one still running torch
             # code when the interpreter exits aborts the process)
             writer.start()
@@ -826,14 +829,6 @@ def _largest_ahead(sizes: list[int], window: int | None = None) -> list[int]:
     if window is None:
         return list(itertools.accumulate(reversed(sizes), max))[::-1]
     return [max(sizes[k:k + window]) for k in range(len(sizes))]
-
-
-def _hashed_files(source: Source) -> list[Path]:
-    """The files whose sha256 grow.json records: the config, the index and every weights file."""
-    paths = [source.path / "config.json", *source.files]
-    if (source.path / INDEX_NAME).is_file():
-        paths.insert(1, source.path / INDEX_NAME)
-    return paths
 
 
 class Prefetcher:

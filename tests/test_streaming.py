@@ -61,6 +61,37 @@ def test_hashing_never_reads_far_ahead(tmp_path, monkeypatch):
     assert h.finish()[path] == hashlib.sha256(data).hexdigest()
 
 
+def test_hashing_ahead_then_taking_over_gives_every_files_sha256(tmp_path, monkeypatch):
+    """Files hashed front to back on a thread of their own (while torch imports), stopped wherever it
+    got to; then the reads made anyway, in file order and not, and the end: every sha256 is exact."""
+    import threading
+
+    from grow.checkpoint import StreamHasher
+
+    monkeypatch.setattr(StreamHasher, "CHUNK", 4096)
+    files = {tmp_path / f"f{k}": bytes(range(256)) * (1000 * (k + 1) + 3) for k in range(3)}
+    for path, data in files.items():
+        path.write_bytes(data)
+    h = StreamHasher(list(files))
+    passed, update = threading.Event(), h._update
+
+    def update_then_wait(state, data):  # past 300 kB, the thread waits for the take-over
+        update(state, data)
+        if h.done > 300_000:
+            passed.set()
+            h._stop.wait(10)
+
+    monkeypatch.setattr(h, "_update", update_then_wait)
+    h.hash_ahead()
+    assert passed.wait(10)
+    h.take_over()
+    done = h.done
+    assert 300_000 < done < sum(map(len, files.values()))  # it stopped part of the way
+    for path, data in files.items():
+        for at in (len(data) // 2, 0, len(data) // 3):
+            h.feed(path, at, data[at:])
+    assert h.finish() == {path: hashlib.sha256(data).hexdigest() for path, data in files.items()}
+
 
 def test_outputs_go_to_disk_from_where_they_were_built(model_dir, tmp_path, monkeypatch):
     """The executor places each output where O_DIRECT can write it from (as far past a block boundary
