@@ -61,9 +61,9 @@ def _build(builder: Callable[..., Plan], view: ModelView, method: str, options: 
             view, calibration=options.get("calibration"), tokens=options.get("calibration_tokens", calibrate.DEFAULT_TOKENS),
             scores=options.get("scores"), seed=options.get("seed", 0), progress=progress, device=device,
             layer_loss=_wants_layer_loss(view, options))
-    from .plan import single_threaded_ops
+    from .plan import torch_threads
 
-    with single_threaded_ops():  # planning is many small ops
+    with torch_threads():  # planning is many small ops
         return builder(view, **options)
 
 

@@ -178,7 +178,8 @@ def materialize(r: TensorRecipe, load: Callable[[str], torch.Tensor], workers: i
         if m is None:
             continue
         if m.matrix is not None:
-            t = contract(t, axis, m.matrix, load(m.prescale) if m.prescale else None)
+            with torch_threads(workers or torch.get_num_threads()):  # a matmul: all the cores
+                t = contract(t, axis, m.matrix, load(m.prescale) if m.prescale else None)
             loaded = False
         if tiled and axis == 0 and r.split.axis != 0 and m.index is not None and (runs := index_runs(m.index)):
             rows = runs  # no gather: the split writes each run of rows from its source rows
@@ -559,7 +560,7 @@ def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float
 
     if workers > 1 and len(starts) > 1:
         pool = _workers(workers)
-        with single_threaded_ops():
+        with torch_threads():
             futures = [pool.submit(run, k) for k in range(len(starts))]
             try:
                 for f in futures:
@@ -607,12 +608,12 @@ def _workers(n: int) -> ThreadPoolExecutor:
 
 
 @contextmanager
-def single_threaded_ops():
-    """torch ops on one thread each while threads of our own share the work: an intra-op thread team
-    that waits for a busy core stalls every op (planning a 13-layer Llama's HyperCloning took 2.2 s with
-    two threads and the other core busy, 0.06 s with one)."""
+def torch_threads(threads: int = 1):
+    """torch ops on `threads` threads, by default one while threads of our own share the work: an
+    intra-op thread team that waits for a busy core stalls every op (planning a 13-layer Llama's
+    HyperCloning took 2.2 s with two threads and the other core busy, 0.06 s with one)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -798,7 +799,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
                                       for r in plan.recipes], SOURCE_WINDOW)
             workers = torch.get_num_threads()  # for the splits; every other op on the builder's own thread,
             # while the reading, hashing and writing threads keep the other cores busy
-            with RECYCLED.running(), SOURCE_BUFFERS.running(), single_threaded_ops():
+            with RECYCLED.running(), SOURCE_BUFFERS.running(), torch_threads():
                 for k, r in enumerate(plan.recipes):
                     RECYCLED.trim(outputs[k])  # a free buffer no later tensor needs is let go
                     SOURCE_BUFFERS.trim(sources[k])
