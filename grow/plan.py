@@ -450,13 +450,14 @@ def _split_tiled(t: torch.Tensor, r: TensorRecipe, start: int, length: int, copi
         want[0] = t.shape[0]
     if list(t.shape) != want:
         raise RuntimeError(f"recipe for {r.name} made shape {list(t.shape)} for one copy, expected {list(r.shape)}")
+    jobs = []
     for k, (to, at, n) in enumerate(rows or [(0, 0, r.shape[0] if r.shape else 1)]):
         src, dst = (t.narrow(0, at, n), out.narrow(0, to, n)) if rows else (t, out)
         dst.narrow(axis, 0, start).copy_(src.narrow(axis, 0, start))
         dst.narrow(axis, start + copies * length, tail).copy_(src.narrow(axis, start + length, tail))
         pieces = [dst.narrow(axis, start + c * length, length) for c in range(copies)]
-        split_tiles_(src.narrow(axis, start, length), pieces, r.split.snr_db, (r.seed + k * 1_000_033) % 2**63,
-                     workers=workers)
+        jobs.append((src.narrow(axis, start, length), pieces, (r.seed + k * 1_000_033) % 2**63))
+    split_tiles_(jobs, r.split.snr_db, workers=workers)  # every run of rows at once: the threads wait once
     return out
 
 
@@ -541,27 +542,28 @@ def _recycled_bytes(nbytes: int) -> torch.Tensor:
     return SOURCE_BUFFERS.empty((nbytes,), torch.uint8)
 
 
-def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float, seed: int, workers: int = 1) -> None:
-    """Write into the `copies` (views of one output dtype) pieces that sum to `values` (any dtype, rounded
-    to the copies' first), as split_pieces does, in blocks of SPLIT_BLOCK values along axis 0 that
-    `workers` threads share. Block k draws from a generator seeded by (seed, k), so the result does
-    not depend on the threads."""
-    dtype = copies[0].dtype
-    rows = values.shape[0] if values.dim() else 1
-    step = max(1, SPLIT_BLOCK // max(1, values.numel() // max(rows, 1)))
-    starts = list(range(0, rows, step))
+def split_tiles_(jobs: list[tuple[torch.Tensor, list[torch.Tensor], int]], snr_db: float, workers: int = 1) -> None:
+    """For each job (values, copies, seed): write into the `copies` (views of one output dtype) pieces
+    that sum to `values` (any dtype, rounded to the copies' first), as split_pieces does, in blocks of
+    SPLIT_BLOCK values along axis 0 that `workers` threads share. Block k of a job draws from a
+    generator seeded by (seed, k), so the result does not depend on the threads."""
+    blocks = []  # (values, copies, seed, block number, first row, rows)
+    for values, copies, seed in jobs:
+        rows = values.shape[0] if values.dim() else 1
+        step = max(1, SPLIT_BLOCK // max(1, values.numel() // max(rows, 1)))
+        blocks += [(values, copies, seed, k, a, step) for k, a in enumerate(range(0, rows, step))]
 
-    def run(k: int) -> None:
-        a = starts[k]
+    def run(values, copies, seed, k, a, step) -> None:
+        dtype = copies[0].dtype
         views = [c[a:a + step] for c in copies] if values.dim() else copies
         block = (values[a:a + step] if values.dim() else values).to(dtype)
         value = SCRATCH.take("value", block.shape, torch.float32).copy_(block)
         _fill_pieces(value, views, snr_db, dtype, np.random.SFC64((seed * 1_000_003 + k) % 2**63), SCRATCH)
 
-    if workers > 1 and len(starts) > 1:
+    if workers > 1 and len(blocks) > 1:
         pool = _workers(workers)
         with torch_threads():
-            futures = [pool.submit(run, k) for k in range(len(starts))]
+            futures = [pool.submit(run, *b) for b in blocks]
             try:
                 for f in futures:
                     f.result()
@@ -570,8 +572,8 @@ def split_tiles_(values: torch.Tensor, copies: list[torch.Tensor], snr_db: float
                     f.cancel()
                 wait(futures)
     else:
-        for k in range(len(starts)):
-            run(k)
+        for b in blocks:
+            run(*b)
 
 
 class Scratch(threading.local):

@@ -266,7 +266,7 @@ def test_tiled_split_does_not_depend_on_the_threads(monkeypatch):
     outs = []
     for workers in (1, 2):
         out = torch.empty(64, 60, dtype=torch.bfloat16)
-        plan.split_tiles_(w, [out[:, :30], out[:, 30:]], 10.0, seed=5, workers=workers)
+        plan.split_tiles_([(w, [out[:, :30], out[:, 30:]], 5)], 10.0, workers=workers)
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0][:, :30].float() + outs[0][:, 30:].float(), w.float())
