@@ -546,19 +546,27 @@ def split_tiles_(jobs: list[tuple[torch.Tensor, list[torch.Tensor], int]], snr_d
     """For each job (values, copies, seed): write into the `copies` (views of one output dtype) pieces
     that sum to `values` (any dtype, rounded to the copies' first), as split_pieces does, in blocks of
     SPLIT_BLOCK values along axis 0 that `workers` threads share. Block k of a job draws from a
-    generator seeded by (seed, k), so the result does not depend on the threads."""
-    blocks = []  # (values, copies, seed, block number, first row, rows)
+    generator seeded by (seed, k), so the result does not depend on the threads. Jobs that split the
+    same values (the copies of a row) share each block's float32 values and grid."""
+    same: dict = {}  # jobs by the values they split
     for values, copies, seed in jobs:
+        same.setdefault((values.data_ptr(), values.shape, values.stride()), (values, []))[1].append((copies, seed))
+    blocks = []  # (values, [(copies, seed)], block number, first row, rows)
+    for values, outputs in same.values():
         rows = values.shape[0] if values.dim() else 1
         step = max(1, SPLIT_BLOCK // max(1, values.numel() // max(rows, 1)))
-        blocks += [(values, copies, seed, k, a, step) for k, a in enumerate(range(0, rows, step))]
+        blocks += [(values, outputs, k, a, step) for k, a in enumerate(range(0, rows, step))]
 
-    def run(values, copies, seed, k, a, step) -> None:
-        dtype = copies[0].dtype
-        views = [c[a:a + step] for c in copies] if values.dim() else copies
+    def run(values, outputs, k, a, step) -> None:
+        dtype = outputs[0][0][0].dtype
         block = (values[a:a + step] if values.dim() else values).to(dtype)
-        value = SCRATCH.take("value", block.shape, torch.float32).copy_(block)
-        _fill_pieces(value, views, snr_db, dtype, np.random.SFC64((seed * 1_000_003 + k) % 2**63), SCRATCH)
+        base = SCRATCH.take("value" if len(outputs) == 1 else "base", block.shape, torch.float32).copy_(block)
+        to_grid = _grid(base, dtype, SCRATCH) if len(outputs) > 1 else None
+        for copies, seed in outputs:
+            views = [c[a:a + step] for c in copies] if values.dim() else copies
+            value = base if to_grid is None else SCRATCH.take("value", block.shape, torch.float32).copy_(base)
+            _fill_pieces(value, views, snr_db, dtype, np.random.SFC64((seed * 1_000_003 + k) % 2**63), SCRATCH,
+                         to_grid)
 
     if workers > 1 and len(blocks) > 1:
         pool = _workers(workers)
@@ -623,16 +631,16 @@ def torch_threads(threads: int = 1):
 
 
 def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype, gen: np.random.SFC64,
-                 scratch=_Fresh) -> None:
+                 scratch=_Fresh, to_grid: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Write into the m `copies` pieces that sum to `value` (float32, holding values of `dtype`) exactly
     in `dtype`. Piece c is the remainder so far times a random ratio, rounded to a multiple of the ulp of
     the value in `dtype`, so that every piece lies between 0 and the value: a multiple of that ulp no
     larger than the value is representable, and so is each remainder. The shares are 1/m plus zero-sum
     uniform noise of standard deviation 10^(-snr/20)/m (clipped to [0, 1]; a share larger than what is
-    left takes all of it); the last piece is the remainder."""
+    left takes all of it); the last piece is the remainder. `to_grid`: _grid of the value, if made."""
     m = len(copies)
     shares = _shares(value.shape, m, snr_db, gen, scratch)
-    to_grid = _grid(value, dtype, scratch)
+    to_grid = to_grid or _grid(value, dtype, scratch)
     rest, left = value, None  # what is still to give out, and its share of the value
     for c in range(m - 1):
         if left is None:
