@@ -560,13 +560,15 @@ def split_tiles_(jobs: list[tuple[torch.Tensor, list[torch.Tensor], int]], snr_d
     def run(values, outputs, k, a, step) -> None:
         dtype = outputs[0][0][0].dtype
         block = (values[a:a + step] if values.dim() else values).to(dtype)
-        base = SCRATCH.take("value" if len(outputs) == 1 else "base", block.shape, torch.float32).copy_(block)
-        to_grid = _grid(base, dtype, SCRATCH) if len(outputs) > 1 else None
-        for copies, seed in outputs:
-            views = [c[a:a + step] for c in copies] if values.dim() else copies
-            value = base if to_grid is None else SCRATCH.take("value", block.shape, torch.float32).copy_(base)
-            _fill_pieces(value, views, snr_db, dtype, np.random.SFC64((seed * 1_000_003 + k) % 2**63), SCRATCH,
-                         to_grid)
+        base = SCRATCH.take("base", block.shape, torch.float32).copy_(block)
+        views = [[c[a:a + step] for c in copies] if values.dim() else copies for copies, _ in outputs]
+        gens = [np.random.SFC64((seed * 1_000_003 + k) % 2**63) for _, seed in outputs]
+        if len(views[0]) == 2 and _halves(base, views, snr_db, dtype, gens, SCRATCH):
+            return
+        to_grid = _grid(base, dtype, SCRATCH)
+        for pieces, gen in zip(views, gens):
+            value = SCRATCH.take("value", block.shape, torch.float32).copy_(base)
+            _fill_pieces(value, pieces, snr_db, dtype, gen, SCRATCH, to_grid)
 
     if workers > 1 and len(blocks) > 1:
         pool = _workers(workers)
@@ -653,6 +655,30 @@ def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype,
     copies[m - 1].copy_(rest)
 
 
+def _halves(value: torch.Tensor, jobs: list, snr_db: float, dtype: torch.dtype, gens: list, scratch=_Fresh) -> bool:
+    """_fill_pieces for two pieces in a 16-bit dtype (the default of a x2 widening), for each job's pair
+    of copies and generator, from the same values: six passes per pair where _fill_pieces takes eleven.
+    False, having done nothing, where it does not apply (shares that need clipping, values too large
+    for the rounding constant C). The same draws and shares: with h = C + value * (1/2 + a/2), the
+    first piece is (h + value * a * draw) - C, rounded to the grid by each addition (every number
+    between C - value and C + value is a multiple of the ulp; each rounds a number between 0 and the
+    value, by less than half an ulp), and the second is value - first, exact in float32 and in dtype."""
+    sigma = 10 ** (-snr_db / 20)
+    if _FORMATS[dtype][0] == 24 or sigma / 2 * 3 ** 0.5 > 0.5:
+        return False
+    magic = _rounding_constant(value, dtype, scratch)
+    if magic is None:
+        return False
+    a = sigma / 2 * _UNIT
+    half = torch.add(magic, value, alpha=0.5 + a / 2, out=scratch.take("half", value.shape, torch.float32))
+    for (first, second), gen in zip(jobs, gens):
+        piece = torch.addcmul(half, _draws(value.shape, gen, scratch), value, value=a,
+                              out=scratch.take("piece", value.shape, torch.float32))
+        first.copy_(piece.sub_(magic))
+        second.copy_(torch.sub(value, piece, out=piece))
+    return True
+
+
 def _bit_generator(gen: torch.Generator) -> np.random.SFC64:
     """A fast bit generator seeded from torch's (SFC64 makes random bits in half the time of torch's
     Mersenne twister, which was a tenth of a default HyperCloning run's CPU)."""
@@ -665,35 +691,55 @@ def _shares(shape, m: int, snr_db: float, gen: np.random.SFC64, scratch=_Fresh) 
     float16 and float32 grids, which changes the noise's level by nothing and its randomness by little),
     and making 16 bits was a fifth of a split's time."""
     sigma = 10 ** (-snr_db / 20)
-    draws = numel(shape) * (1 if m == 2 else m)  # two pieces: one draw (the other share is what is left)
-    bits = torch.from_numpy(gen.random_raw((draws + 7) // 8).view(np.int8))
-    # uniform on [-128, 127]
-    u = scratch.take("shares", (draws,), torch.float32).copy_(bits[:draws]).view(-1, *shape)
-    # (u + 0.5) / 128 is uniform on (-1, 1) with variance 1/3 (less 1/196608): times sqrt(3), unit variance
-    unit = 3 ** 0.5 / 128
+    u = _draws((1 if m == 2 else m, *shape), gen, scratch)  # two pieces: one draw (the other share is what is left)
     if m == 2:
-        share = u[0].mul_(sigma / 2 * unit).add_(0.5 + sigma / 2 * unit * 0.5)
+        share = u[0].mul_(sigma / 2 * _UNIT).add_(0.5 + sigma / 2 * _UNIT * 0.5)
         return [share.clamp_(0, 1) if sigma / 2 * 3 ** 0.5 > 0.5 else share]
-    z = u.add_(0.5).mul_(unit)
+    z = u.add_(0.5).mul_(_UNIT)
     z.sub_(z.mean(0, keepdim=True)).mul_((m / (m - 1)) ** 0.5)  # centred over the group, variance restored
     return list(z.mul_(sigma / m).add_(1 / m).clamp_(0, 1).unbind(0))[: m - 1]
+
+
+# (u + 0.5) / 128 for u uniform on [-128, 127] is uniform on (-1, 1) with variance 1/3 (less 1/196608):
+# times sqrt(3), unit variance
+_UNIT = 3 ** 0.5 / 128
+
+
+def _draws(shape, gen: np.random.SFC64, scratch=_Fresh) -> torch.Tensor:
+    """Random integers uniform on [-128, 127], as float32 of `shape`."""
+    n = numel(shape)
+    bits = torch.from_numpy(gen.random_raw((n + 7) // 8).view(np.int8))
+    return scratch.take("shares", (n,), torch.float32).copy_(bits[:n]).view(shape)
+
+
+def _rounding_constant(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) -> torch.Tensor | None:
+    """For a 16-bit dtype, C = 1.5 * 2^23 * the ulp each value has in `dtype` (float32): adding C to a
+    number no larger than the value rounds it to a multiple of that ulp (C + x stays in C's binade,
+    whose float32 step is the ulp). None where C would not be finite (values from 2^(104 + bits) up)."""
+    bits, tiny = _FORMATS[dtype]
+    # the value's power of two, as float32 bits
+    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
+                                 out=scratch.take("exponent", value.shape, torch.int32))
+    low, high = torch.aminmax(exponent)
+    if int(high) > (230 + bits) << 23:
+        return None
+    emin = (tiny + bits - 1 + 127) << 23  # below the smallest normal of dtype the ulp stays the subnormal step
+    if int(low) < emin:
+        exponent.clamp_(min=emin)
+    return exponent.add_(((24 - bits) << 23) + (1 << 22)).view(torch.float32)
 
 
 def _grid(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function rounding, in place, numbers between 0 and `value` to multiples of the ulp that the
     value has in `dtype` (between 0 and the value too: both ends are multiples)."""
     bits, tiny = _FORMATS[dtype]
-    # the value's power of two, as float32 bits
-    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
-                                 out=scratch.take("exponent", value.shape, torch.int32))
-    emin = (tiny + bits - 1 + 127) << 23  # below the smallest normal of dtype the ulp stays the subnormal step
-    if bits < 24 and int(exponent.max()) <= (230 + bits) << 23:
-        # 16-bit formats: adding C = 1.5 * 2^23 * ulp rounds to a multiple of the ulp (C + x stays in C's
-        # binade, whose float32 step is that ulp); C is finite for values below 2^(104 + bits)
-        magic = exponent.clamp_(min=emin).add_(((24 - bits) << 23) + (1 << 22)).view(torch.float32)
+    magic = _rounding_constant(value, dtype, scratch) if bits < 24 else None
+    if magic is not None:
         return lambda x: x.add_(magic).sub_(magic)
     # float32 (or huge values): truncate x / ulp through int32 (exact: x / ulp < 2^24)
-    ulp = exponent.clamp_(min=emin).view(torch.float32).mul_(2.0 ** (1 - bits))
+    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
+                                 out=scratch.take("exponent", value.shape, torch.int32))
+    ulp = exponent.clamp_(min=(tiny + bits - 1 + 127) << 23).view(torch.float32).mul_(2.0 ** (1 - bits))
     return lambda x: x.copy_(x.div_(ulp).int()).mul_(ulp)
 
 
