@@ -386,9 +386,7 @@ def _noise_std(t: torch.Tensor, r: TensorRecipe, scales, step: int) -> float:
 
 # (significand bits, exponent of the smallest subnormal) of the floating-point output dtypes
 _FORMATS = {torch.float32: (24, -149), torch.bfloat16: (8, -133), torch.float16: (11, -24)}
-# values per working block of a split: its temporaries (7 MB per thread) stay near the cores, and each of
-# its dozen torch ops has enough work to repay a fixed cost (blocks of 2^18 took a quarter longer or more)
-SPLIT_BLOCK = 1 << 19
+SPLIT_BLOCK = 1 << 18  # values per working block of a split: its float32 temporaries stay in cache
 
 
 def split_pieces(block: torch.Tensor, split: Split, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -657,7 +655,7 @@ def _fill_pieces(value: torch.Tensor, copies, snr_db: float, dtype: torch.dtype,
 
 def _halves(value: torch.Tensor, jobs: list, snr_db: float, dtype: torch.dtype, gens: list, scratch=_Fresh) -> bool:
     """_fill_pieces for two pieces in a 16-bit dtype (the default of a x2 widening), for each job's pair
-    of copies and generator, from the same values: six passes per pair where _fill_pieces takes eleven.
+    of copies and generator, from the same values: six passes per pair where _fill_pieces takes ten.
     False, having done nothing, where it does not apply (shares that need clipping, values too large
     for the rounding constant C). The same draws and shares: with h = C + value * (1/2 + a/2), the
     first piece is (h + value * a * draw) - C, rounded to the grid by each addition (every number
