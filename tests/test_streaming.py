@@ -61,6 +61,7 @@ def test_hashing_never_reads_far_ahead(tmp_path, monkeypatch):
     assert h.finish()[path] == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.no_transformers
 def test_hashing_ahead_then_taking_over_gives_every_files_sha256(tmp_path, monkeypatch):
     """Files hashed front to back on a thread of their own (while torch imports), stopped wherever it
     got to; then the reads made anyway, in file order and not, and the end: every sha256 is exact."""
