@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from grow.plan import single_threaded_ops
+from grow.plan import torch_threads
 from grow.training import (HELD_OUT_FILES, STDLIB, Shape, adamw, encode, held_out_windows, llama_config, step,
                            train_tokenizer)
 from grow.training import loss as _loss
@@ -96,7 +96,7 @@ def train(model, task: Task, setup: Setup, steps: int, seed: int, lr: float | No
     """AdamW, linear warmup then cosine decay; the same schedule and batches for every model."""
     lr = lr or setup.lr
     torch.manual_seed(seed)
-    with single_threaded_ops():
+    with torch_threads():
         _train(model, task, setup, steps, seed, lr)
 
 
@@ -111,7 +111,7 @@ def _train(model, task: Task, setup: Setup, steps: int, seed: int, lr: float) ->
 def loss(model, task: Task) -> float:
     """Mean held-out loss, in one batch."""
     held = task.held_out
-    with single_threaded_ops():
+    with torch_threads():
         return _loss(model, held, batch=len(held[0] if isinstance(held, tuple) else held), objective=task.objective)
 
 
@@ -406,7 +406,7 @@ def shrink_and_train(src: Path, work: Path, name: str, data: FamilyData, setup: 
             options["calibration_tokens"] = 1024
             if family.timm:
                 options["calibration"] = src.parent / f"{src.name}-images"
-        with warnings.catch_warnings(), single_threaded_ops():
+        with warnings.catch_warnings(), torch_threads():
             warnings.simplefilter("error", GrowWarning)  # real tokens / images: no random calibration
             grow.shrink(src, dst, method=method, force=True, **options)
         model = load_model(dst, framework)
