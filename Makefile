@@ -22,7 +22,8 @@ $(COMPAT)/.installed: $(VENV)/.installed pyproject.toml constraints-compat.txt
 	$(COMPAT)/bin/python -m pip install -q -c constraints-compat.txt -e '.[test]'
 	touch $@
 
-# The suite runs in both environments: outputs must load and compute the same in transformers 4.57.
+# The suite runs in both environments: outputs must load and compute the same in transformers 4.57
+# (tests marked no_transformers, which run none of what .venv-compat changes, run in .venv only: tests/conftest.py).
 test: test-current test-compat
 
 test-current: $(VENV)/.installed
