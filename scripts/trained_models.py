@@ -420,6 +420,13 @@ def shrink_and_train(src: Path, work: Path, name: str, data: FamilyData, setup: 
     return losses
 
 
+def family_losses(work: Path, name: str, data: FamilyData, setup: Setup, steps: int) -> dict:
+    """The family's source trained (build_trained_family, in work/source), then shrink_and_train: a
+    function of its own so that a worker process can run it."""
+    src = build_trained_family(work / "source", name, data, setup)
+    return shrink_and_train(src, work, name, data, setup, steps)
+
+
 def random_init_like(path: Path, framework: str, seed: int):
     """A freshly initialised model of the checkpoint's shape and class (the framework's own initialisation)."""
     import json

@@ -8,6 +8,10 @@ One family per spec file (Llama itself: tests/test_shrink.py, on a larger traine
 built in scripts/trained_models.py, and scripts/shrink_report.py --all-families runs every
 architecture longer."""
 
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
 import pytest
 
 import trained_models as T
@@ -28,12 +32,28 @@ def family_data(tmp_path_factory):
     return T.family_data(tmp_path_factory.mktemp("families"), T.FAMILY_TEST)
 
 
+@pytest.fixture(scope="module")
+def family_runs(request, family_data, tmp_path_factory):
+    """The losses of every family this session tests (trained_models.family_losses), computed in worker
+    processes, one per core: each model trains on one thread, so a single process leaves the other cores
+    idle. The masked LMs, which train longest, go first; each test waits for its own family."""
+    names = [item.callspec.params["name"] for item in request.session.items if item.module is request.module]
+    names.sort(key=lambda name: T.FAMILIES[name].objective != "masked_lm")
+    work = tmp_path_factory.mktemp("trained")
+    pool = ProcessPoolExecutor(min(len(os.sched_getaffinity(0)), len(names)),
+                               mp_context=multiprocessing.get_context("spawn"))  # no fork of a threaded torch
+    try:
+        yield {name: pool.submit(T.family_losses, work / name, name, family_data, T.FAMILY_TEST, FINETUNE_STEPS)
+               for name in names}
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 @pytest.mark.skipif(COMPAT, reason="a training claim, not a loading one: it runs under the current transformers "
                                    "only (the suite loads every family's shrunk output under 4.57 elsewhere)")
 @pytest.mark.parametrize("name", NAMES)
-def test_shrunk_model_trains_better_than_random_init(family_data, tmp_path, name):
-    src = T.build_trained_family(tmp_path / "source", name, family_data, T.FAMILY_TEST)
-    losses = T.shrink_and_train(src, tmp_path, name, family_data, T.FAMILY_TEST, FINETUNE_STEPS)
+def test_shrunk_model_trains_better_than_random_init(family_data, family_runs, name):
+    losses = family_runs[name].result()
     print(f"\n{name}: {losses}")
     random_start, random_final = losses.pop("random")
     source = losses.pop("source")
