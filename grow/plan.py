@@ -507,13 +507,10 @@ class Recycler:
             self._free.sort(key=torch.Tensor.numel)
             del self._free[: max(0, len(self._free) - self.keep)]  # the smallest
 
-    def trim(self, nbytes: int, most: int | None = None) -> None:
-        """Let go of the free buffers larger than nbytes (no tensor to come needs one), and of all but
-        the `most` largest of the others (fewer tensors to come than that)."""
+    def trim(self, nbytes: int) -> None:
+        """Let go of the free buffers larger than nbytes (no tensor to come needs one)."""
         with self._lock:
             self._free = [b for b in self._free if b.numel() <= nbytes]
-            if most is not None:
-                del self._free[: max(0, len(self._free) - most)]
 
     @contextmanager
     def running(self):
@@ -858,8 +855,7 @@ def execute(plan: Plan, source: Source, dst: Path, *, shard_size: int | None, fo
             # while the reading, hashing and writing threads keep the other cores busy
             with RECYCLED.running(), SOURCE_BUFFERS.running(), torch_threads():
                 for k, r in enumerate(plan.recipes):
-                    # a free buffer no tensor to come needs is let go (near the end: the ones they cannot all use)
-                    RECYCLED.trim(outputs[k], len(plan.recipes) - k)
+                    RECYCLED.trim(outputs[k])  # a free buffer no later tensor needs is let go
                     SOURCE_BUFFERS.trim(sources[k])
                     RECYCLED.phase = layout.file_offsets[k] % BLOCK
                     built = materialize(r, reader.next(), workers)

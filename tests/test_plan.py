@@ -352,12 +352,6 @@ def test_recycler_keeps_the_largest_and_lets_go_of_what_no_tensor_to_come_needs(
         assert sorted(b.numel() for b in pool._free) == [3000, 4000]
         pool.trim(3500)  # every tensor to come is at most 3500 bytes
         assert [b.numel() for b in pool._free] == [3000]
-        pool.keep = 6
-        for b in [pool.empty((n,), torch.uint8) for n in (3000, 1000, 2000)]:  # (the first takes the free one)
-            pool.give(b)
-        assert [b.numel() for b in pool._free] == [1000, 2000, 3000]
-        pool.trim(4000, 2)  # two tensors to come: two buffers are all they can use
-        assert [b.numel() for b in pool._free] == [2000, 3000]
 
 
 def test_largest_ahead_looks_only_as_far_as_its_window():
