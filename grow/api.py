@@ -15,6 +15,7 @@ from . import DEFAULT_TOL, recipes
 from .arch.view import ModelView
 from .checkpoint import DTYPE_LABELS, Source, StreamHasher
 from .errors import GrowError, Interrupted, UsageError, VerificationFailed
+from .writer import parse_size
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -91,6 +92,7 @@ def _operate(operation: str, src, dst, method: str, *, dry_run: bool, verify: bo
              shard_size, tol: float, progress, options: dict, device="cpu") -> dict:
     if dst is None and not dry_run:
         raise UsageError(f"{operation} needs a target folder (or --dry-run).")
+    shard_bytes = parse_size(shard_size)
     source = Source(src)
     # the source's sha256 (for grow.json) is computed while torch and the operators import
     hasher = None if dry_run else StreamHasher(source.hashed_files())
@@ -101,12 +103,10 @@ def _operate(operation: str, src, dst, method: str, *, dry_run: bool, verify: bo
                 hasher.hash_ahead()
             from . import ops
             from .plan import execute
-            from .writer import parse_size
 
             methods = {"expand": ops.EXPAND_METHODS, "shrink": ops.SHRINK_METHODS, "upcycle": ops.UPCYCLE_METHODS}[operation]
             if method not in methods:
                 raise UsageError(f"--method {method} is not a way to {operation}; choose one of {', '.join(methods)}.")
-            shard_bytes = parse_size(shard_size)
             view = ModelView(source)
             _check_operation(view, operation, method)
             if view.spec.single_file:

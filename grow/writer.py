@@ -13,12 +13,15 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from .checkpoint import DTYPE_NAMES, INDEX_NAME, WEIGHTS_NAME, tensor_nbytes
+from .checkpoint import INDEX_NAME, WEIGHTS_NAME, tensor_nbytes
 from .errors import GrowError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_size(text: str | int) -> int:
@@ -190,6 +193,10 @@ class ShardedWriter:
         self._file.write(self._headers[self._shard])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch  # (the tensor's module: the writer alone does not load it, so parse_size stays light)
+
+        from .checkpoint import DTYPE_NAMES
+
         if self._file is None or self._pos == len(self.shards[self._shard]):
             self._open_next()
         want_name, want_dtype, want_shape = self.shards[self._shard][self._pos]

@@ -129,6 +129,14 @@ def test_unknown_method_and_foreign_option(src, tmp_path):
 
 
 @pytest.mark.no_transformers
+def test_a_bad_shard_size_is_refused_before_the_source_is_read(tmp_path):
+    """An option that needs no model is checked before the source is opened (and before torch, which
+    takes seconds to import, is loaded)."""
+    r = runner.invoke(app, ["expand", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--shard-size", "lots"])
+    assert_refused(r, 2, "--shard-size")
+
+
+@pytest.mark.no_transformers
 def test_missing_source(tmp_path):
     assert_refused(expand(tmp_path / "nowhere", tmp_path / "out"), 1, "nowhere")
 
