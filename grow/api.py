@@ -104,7 +104,7 @@ def _operate(operation: str, src, dst, method: str, *, dry_run: bool, verify: bo
             from . import ops
             from .plan import execute
 
-            methods = {"expand": ops.EXPAND_METHODS, "shrink": ops.SHRINK_METHODS, "upcycle": ops.UPCYCLE_METHODS}[operation]
+            methods = ops.METHODS[operation]
             if method not in methods:
                 raise UsageError(f"--method {method} is not a way to {operation}; choose one of {', '.join(methods)}.")
             view = ModelView(source)

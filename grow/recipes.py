@@ -18,7 +18,7 @@ def options_of(command: str) -> set[str]:
     """Every key a job of this command may hold: the API function's keywords and every method's options."""
     from . import api, ops
 
-    methods = {"expand": ops.EXPAND_METHODS, "shrink": ops.SHRINK_METHODS, "upcycle": ops.UPCYCLE_METHODS}.get(command, {})
+    methods = ops.METHODS.get(command, {})
     keys = set(inspect.signature(getattr(api, command)).parameters)
     for build in methods.values():
         keys |= set(inspect.signature(build).parameters)

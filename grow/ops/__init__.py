@@ -15,3 +15,4 @@ SHRINK_METHODS = {
 UPCYCLE_METHODS = {
     "moe": upcycle.build,
 }
+METHODS = {"expand": EXPAND_METHODS, "shrink": SHRINK_METHODS, "upcycle": UPCYCLE_METHODS}  # by operation
