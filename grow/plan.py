@@ -661,14 +661,13 @@ def _halves(value: torch.Tensor, jobs: list, snr_db: float, dtype: torch.dtype, 
     first piece is (h + value * a * draw) - C, rounded to the grid by each addition (every number
     between C - value and C + value is a multiple of the ulp; each rounds a number between 0 and the
     value, by less than half an ulp), and the second is value - first, exact in float32 and in dtype."""
-    sigma = 10 ** (-snr_db / 20)
-    if _FORMATS[dtype][0] == 24 or sigma / 2 * 3 ** 0.5 > 0.5:
+    a, b, clips = _half_share(snr_db)
+    if _FORMATS[dtype][0] == 24 or clips:
         return False
     magic = _rounding_constant(value, dtype, scratch)
     if magic is None:
         return False
-    a = sigma / 2 * _UNIT
-    half = torch.add(magic, value, alpha=0.5 + a / 2, out=scratch.take("half", value.shape, torch.float32))
+    half = torch.add(magic, value, alpha=b, out=scratch.take("half", value.shape, torch.float32))
     for (first, second), gen in zip(jobs, gens):
         piece = torch.addcmul(half, _draws(value.shape, gen, scratch), value, value=a,
                               out=scratch.take("piece", value.shape, torch.float32))
@@ -691,8 +690,9 @@ def _shares(shape, m: int, snr_db: float, gen: np.random.SFC64, scratch=_Fresh) 
     sigma = 10 ** (-snr_db / 20)
     u = _draws((1 if m == 2 else m, *shape), gen, scratch)  # two pieces: one draw (the other share is what is left)
     if m == 2:
-        share = u[0].mul_(sigma / 2 * _UNIT).add_(0.5 + sigma / 2 * _UNIT * 0.5)
-        return [share.clamp_(0, 1) if sigma / 2 * 3 ** 0.5 > 0.5 else share]
+        a, b, clips = _half_share(snr_db)
+        share = u[0].mul_(a).add_(b)
+        return [share.clamp_(0, 1) if clips else share]
     z = u.add_(0.5).mul_(_UNIT)
     z.sub_(z.mean(0, keepdim=True)).mul_((m / (m - 1)) ** 0.5)  # centred over the group, variance restored
     return list(z.mul_(sigma / m).add_(1 / m).clamp_(0, 1).unbind(0))[: m - 1]
@@ -701,6 +701,14 @@ def _shares(shape, m: int, snr_db: float, gen: np.random.SFC64, scratch=_Fresh) 
 # (u + 0.5) / 128 for u uniform on [-128, 127] is uniform on (-1, 1) with variance 1/3 (less 1/196608):
 # times sqrt(3), unit variance
 _UNIT = 3 ** 0.5 / 128
+
+
+def _half_share(snr_db: float) -> tuple[float, float, bool]:
+    """(a, b, clips): the first of two pieces' share is b + a * draw (_draws), 1/2 plus uniform noise of
+    standard deviation 10^(-snr/20)/2; clips: whether it can leave [0, 1] (half-width sqrt(3) times that)."""
+    sigma = 10 ** (-snr_db / 20)
+    a = sigma / 2 * _UNIT
+    return a, 0.5 + a * 0.5, sigma / 2 * 3 ** 0.5 > 0.5
 
 
 def _draws(shape, gen: np.random.SFC64, scratch=_Fresh) -> torch.Tensor:
