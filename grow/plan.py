@@ -722,30 +722,35 @@ def _rounding_constant(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) 
     """For a 16-bit dtype, C = 1.5 * 2^23 * the ulp each value has in `dtype` (float32): adding C to a
     number no larger than the value rounds it to a multiple of that ulp (C + x stays in C's binade,
     whose float32 step is the ulp). None where C would not be finite (values from 2^(104 + bits) up)."""
-    bits, tiny = _FORMATS[dtype]
-    # the value's power of two, as float32 bits
-    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
-                                 out=scratch.take("exponent", value.shape, torch.int32))
+    bits = _FORMATS[dtype][0]
+    exponent, emin = _exponent(value, dtype, scratch)
     low, high = torch.aminmax(exponent)
     if int(high) > (230 + bits) << 23:
         return None
-    emin = (tiny + bits - 1 + 127) << 23  # below the smallest normal of dtype the ulp stays the subnormal step
     if int(low) < emin:
         exponent.clamp_(min=emin)
     return exponent.add_(((24 - bits) << 23) + (1 << 22)).view(torch.float32)
 
 
+def _exponent(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) -> tuple[torch.Tensor, int]:
+    """Each value's power of two as float32 bits (int32), and the least one whose ulp in `dtype` scales
+    with it: below the smallest normal of dtype the ulp stays the subnormal step."""
+    bits, tiny = _FORMATS[dtype]
+    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
+                                 out=scratch.take("exponent", value.shape, torch.int32))
+    return exponent, (tiny + bits - 1 + 127) << 23
+
+
 def _grid(value: torch.Tensor, dtype: torch.dtype, scratch=_Fresh) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function rounding, in place, numbers between 0 and `value` to multiples of the ulp that the
     value has in `dtype` (between 0 and the value too: both ends are multiples)."""
-    bits, tiny = _FORMATS[dtype]
+    bits = _FORMATS[dtype][0]
     magic = _rounding_constant(value, dtype, scratch) if bits < 24 else None
     if magic is not None:
         return lambda x: x.add_(magic).sub_(magic)
     # float32 (or huge values): truncate x / ulp through int32 (exact: x / ulp < 2^24)
-    exponent = torch.bitwise_and(value.view(torch.int32), 0x7F800000,
-                                 out=scratch.take("exponent", value.shape, torch.int32))
-    ulp = exponent.clamp_(min=(tiny + bits - 1 + 127) << 23).view(torch.float32).mul_(2.0 ** (1 - bits))
+    exponent, emin = _exponent(value, dtype, scratch)
+    ulp = exponent.clamp_(min=emin).view(torch.float32).mul_(2.0 ** (1 - bits))
     return lambda x: x.copy_(x.div_(ulp).int()).mul_(ulp)
 
 
