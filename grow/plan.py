@@ -564,8 +564,8 @@ def split_tiles_(jobs: list[tuple[torch.Tensor, list[torch.Tensor], int]], snr_d
         if len(views[0]) == 2 and _halves(base, views, snr_db, dtype, gens, SCRATCH):
             return
         to_grid = _grid(base, dtype, SCRATCH)
-        for pieces, gen in zip(views, gens):
-            value = SCRATCH.take("value", block.shape, torch.float32).copy_(base)
+        for pieces, gen in zip(views, gens):  # (_fill_pieces spends its value: one job takes base itself)
+            value = base if len(views) == 1 else SCRATCH.take("value", block.shape, torch.float32).copy_(base)
             _fill_pieces(value, pieces, snr_db, dtype, gen, SCRATCH, to_grid)
 
     if workers > 1 and len(blocks) > 1:
